@@ -1,0 +1,77 @@
+"""Every error this package raises or reports, in one hierarchy.
+
+::
+
+    StreamServerError
+    ├── ConfigError            a setting is invalid (start-up; names the field)
+    ├── EngineError            the model could not be loaded or failed on a batch
+    │   └── EngineOverloaded   the request queue is full
+    └── ClientError            something a client sent; carries a stable code and a close code
+        ├── BadRequest         invalid query parameters (HTTP 400 at the handshake)
+        └── ProtocolViolation  bad input on an open stream (an ``Error`` event, maybe a close)
+
+Clients never see tracebacks: a session turns a :class:`ClientError` into an ``Error`` event with
+``code`` (machine-readable, stable) and ``description`` (a sentence a person can act on); anything
+unexpected becomes ``INTERNAL_ERROR`` and close code 1011, with the traceback logged once.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes this server uses (RFC 6455 section 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+class StreamServerError(Exception):
+    """Base of everything raised here."""
+
+
+class ConfigError(StreamServerError, ValueError):
+    """A setting is invalid; the message names the field."""
+
+
+class EngineError(StreamServerError):
+    """The model could not be loaded, or failed on a batch."""
+
+
+class EngineOverloaded(EngineError):
+    """The batcher's queue is full; the request was not accepted."""
+
+
+class ClientError(StreamServerError):
+    """Something a client sent is wrong.
+
+    Attributes:
+        code: stable machine-readable code, e.g. ``"INVALID_JSON"``.
+        description: one sentence a person can act on.
+        close_code: the WebSocket close code when the stream cannot go on, else None.
+    """
+
+    def __init__(self, code: str, description: str, close_code: CloseCode | None = None) -> None:
+        super().__init__(f"{code}: {description}")
+        self.code = code
+        self.description = description
+        self.close_code = close_code
+
+
+class BadRequest(ClientError):
+    """Invalid query parameters: answered with HTTP 400 before the WebSocket opens."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(code, description, None)
+
+
+class ProtocolViolation(ClientError):
+    """Bad input on an open stream."""
