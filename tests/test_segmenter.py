@@ -1,0 +1,128 @@
+"""The endpointing state machine, fed flags directly."""
+
+from __future__ import annotations
+
+import pytest
+
+from stream_server.segmenter import (
+    EndReason,
+    SegmentDiscarded,
+    SegmentEnded,
+    Segmenter,
+    SegmenterSettings,
+    SegmentStarted,
+)
+
+F = 480
+SETTINGS = SegmenterSettings(
+    frame_samples=F,
+    start_window_frames=5,
+    start_voiced_frames=3,
+    pre_roll_frames=10,
+    post_roll_frames=10,
+    endpoint_frames=17,
+    min_speech_frames=7,
+    max_segment_samples=400 * F,
+    cut_search_frames=100,
+)
+
+
+def run(seg: Segmenter, pattern: list[tuple[bool, int]], level: float | None = None) -> list[object]:
+    events: list[object] = []
+    for flag, count in pattern:
+        for _ in range(count):
+            lvl = level if level is not None else (-10.0 if flag else -80.0)
+            events.extend(seg.push(flag, lvl))
+    return events
+
+
+def test_segment_starts_with_pre_roll_and_ends_with_post_roll() -> None:
+    """A burst of speech yields one segment padded by pre-roll before and post-roll after."""
+    seg = Segmenter(SETTINGS)
+    events = run(seg, [(False, 50), (True, 40), (False, 30)])
+    started = [e for e in events if isinstance(e, SegmentStarted)]
+    ended = [e for e in events if isinstance(e, SegmentEnded)]
+    assert len(started) == 1 and len(ended) == 1
+    assert started[0].speech_sample == 50 * F
+    assert started[0].start_sample == 40 * F
+    assert ended[0].end_sample == 100 * F
+    assert ended[0].last_speech_sample == 90 * F
+    assert ended[0].reason is EndReason.PAUSE
+
+
+def test_pre_roll_never_reaches_into_previous_segment() -> None:
+    """A segment starting soon after another begins at the earlier one's end, not before it."""
+    seg = Segmenter(SETTINGS)
+    events = run(seg, [(True, 20), (False, 17), (True, 20), (False, 20)])
+    ended = [e for e in events if isinstance(e, SegmentEnded)]
+    assert len(ended) == 2
+    assert ended[1].start_sample == ended[0].end_sample
+
+
+def test_short_blip_is_discarded() -> None:
+    """Fewer speech frames than the minimum, ended by a pause, are dropped rather than transcribed."""
+    seg = Segmenter(SETTINGS)
+    events = run(seg, [(False, 10), (True, 4), (False, 30)])
+    assert any(isinstance(e, SegmentDiscarded) for e in events)
+    assert not any(isinstance(e, SegmentEnded) for e in events)
+
+
+def test_isolated_speech_frames_do_not_open_a_segment() -> None:
+    """Two speech frames in a five-frame window are not enough to open a segment."""
+    seg = Segmenter(SETTINGS)
+    events = run(seg, [(True, 1), (False, 3), (True, 1), (False, 3)] * 10)
+    assert events == []
+
+
+def test_pause_shorter_than_endpointing_keeps_segment_open() -> None:
+    """A pause one frame shorter than the endpointing silence does not end the segment."""
+    seg = Segmenter(SETTINGS)
+    events = run(seg, [(True, 20), (False, 16), (True, 20)])
+    assert not any(isinstance(e, SegmentEnded) for e in events)
+    assert seg.in_segment
+
+
+def test_forced_cut_lands_in_quietest_frame_and_segments_tile() -> None:
+    """Non-stop speech is cut at the quietest recent frame; consecutive segments share their boundary."""
+    seg = Segmenter(SETTINGS)
+    events: list[object] = []
+    quiet_frames = set(range(350, 353)) | set(range(700, 703)) | set(range(1050, 1053))
+    for i in range(1200):
+        events.extend(seg.push(True, -60.0 if i in quiet_frames else -10.0))
+    events.extend(seg.finalize(seg.position_sample, EndReason.END_OF_STREAM))
+    ended = [e for e in events if isinstance(e, SegmentEnded)]
+    assert [e.reason for e in ended[:-1]] == [EndReason.MAX_LENGTH] * (len(ended) - 1)
+    for prev, nxt in zip(ended, ended[1:], strict=False):
+        assert prev.end_sample == nxt.start_sample
+    for e in ended:
+        assert e.end_sample - e.start_sample <= SETTINGS.max_segment_samples
+    cut_frames = [e.end_sample // F for e in ended[:-1]]
+    assert cut_frames == [351, 701, 1051]
+    starts = [e for e in events if isinstance(e, SegmentStarted)]
+    assert [s.continuation for s in starts] == [False, True, True, True]
+
+
+def test_finalize_closes_open_segment_and_trims_long_silence() -> None:
+    """Finalize ends the open segment at once, trimming trailing silence beyond the post-roll."""
+    seg = Segmenter(SETTINGS)
+    run(seg, [(True, 20), (False, 15)])
+    (ended,) = seg.finalize(seg.position_sample, EndReason.FINALIZE)
+    assert isinstance(ended, SegmentEnded)
+    assert ended.reason is EndReason.FINALIZE
+    assert ended.end_sample == 30 * F
+    assert not seg.in_segment
+    assert seg.finalize(seg.position_sample, EndReason.FINALIZE) == []
+
+
+def test_finalize_keeps_short_triggered_speech() -> None:
+    """A short word finalized by the client is transcribed, not dropped as a blip."""
+    seg = Segmenter(SETTINGS)
+    run(seg, [(False, 5), (True, 4)])
+    (ended,) = seg.finalize(seg.position_sample, EndReason.FINALIZE)
+    assert isinstance(ended, SegmentEnded)
+
+
+def test_settings_reject_max_segment_smaller_than_search_window() -> None:
+    """Settings where the cut search window does not fit inside the maximum segment are refused."""
+    with pytest.raises(ValueError, match="max_segment_samples"):
+        SegmenterSettings(frame_samples=F, max_segment_samples=50 * F, cut_search_frames=100)
