@@ -131,6 +131,7 @@ class SessionSettings:
     interim: InterimConfig = field(default_factory=InterimConfig)
     max_client_errors: int = 16
     max_session_s: float = 0.0
+    max_frame_bytes: int = 1 << 20
 
 
 def segmenter_settings(options: StreamOptions, seg: SegmenterConfig) -> SegmenterSettings:
@@ -333,6 +334,16 @@ class Session:
         if len(data) == 0:
             self._close_stream(CloseRequest(CloseCode.NORMAL, "CloseStream"), metadata=True)
             return
+        if len(data) > self.settings.max_frame_bytes:
+            self._fatal(
+                ProtocolViolation(
+                    "FRAME_TOO_LARGE",
+                    f"An audio frame of {len(data)} bytes exceeds this server's limit of "
+                    f"{self.settings.max_frame_bytes} bytes; send audio in smaller frames (20-250 ms each).",
+                    CloseCode.MESSAGE_TOO_BIG,
+                )
+            )
+            return
         samples = self._decoder.decode(data)
         self._ingest(samples)
         limit = self.settings.max_session_s
@@ -348,14 +359,14 @@ class Session:
     @_guarded
     def receive_text(self, text: str) -> None:
         """Take one text frame: a JSON control message."""
+        if self._closing is not None:
+            return  # the stream is ending; late messages change nothing and need no answer
         try:
             message = parse_client_message(text)
         except ClientError as exc:
             self._client_error(exc)
             return
         if isinstance(message, KeepAlive):
-            return
-        if self._closing is not None:
             return
         if isinstance(message, Finalize):
             self._finalize(EndReason.FINALIZE)

@@ -178,7 +178,13 @@ def test_bad_text_frames_get_specific_errors_and_stream_continues() -> None:
     d.text("x" * 5000)
     d.text('{"type": "Finalize", "channel": 3}')
     codes = [e["code"] for e in d.of_type("Error")]
-    assert codes == ["INVALID_JSON", "INVALID_MESSAGE", "UNKNOWN_MESSAGE_TYPE", "MESSAGE_TOO_LONG", "INVALID_MESSAGE"]
+    assert codes == [
+        "INVALID_JSON",
+        "INVALID_MESSAGE",
+        "UNKNOWN_MESSAGE_TYPE",
+        "MESSAGE_TOO_LONG",
+        "INVALID_MESSAGE",
+    ]
     assert all(e["fatal"] is False for e in d.of_type("Error"))
     d.audio(pcm16(TWO_SEGMENTS))
     assert len(d.finals()) == 2

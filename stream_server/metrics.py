@@ -1,0 +1,151 @@
+"""Prometheus metrics (``GET /metrics``), one registry per server so tests can run several in a process.
+
+Every name starts with ``stream_``; the process collector adds ``process_resident_memory_bytes`` and
+friends, and on CUDA a collector reads ``torch.cuda.memory_reserved/allocated`` and NVML's used memory at
+scrape time (README, "Observability").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .batcher import BatchReport
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class GpuMemoryCollector(Collector):
+    """Reads GPU memory at scrape time; absent GPU or NVML is normal and reported as nothing."""
+
+    def __init__(self, device_index: int) -> None:
+        self.device_index = device_index
+        self._nvml_handle: Any = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        except Exception as exc:  # NVMLError_LibraryNotFound and friends: no NVML here
+            logger.debug("NVML unavailable: %s", exc)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            import torch
+
+            reserved = float(torch.cuda.memory_reserved(self.device_index))
+            allocated = float(torch.cuda.memory_allocated(self.device_index))
+            peak = float(torch.cuda.max_memory_reserved(self.device_index))
+        except Exception:
+            return
+        yield GaugeMetricFamily(
+            "stream_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", value=reserved
+        )
+        yield GaugeMetricFamily(
+            "stream_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", value=allocated
+        )
+        yield GaugeMetricFamily(
+            "stream_gpu_memory_max_reserved_bytes", "torch.cuda.max_memory_reserved", value=peak
+        )
+        if self._nvml_handle is not None:
+            try:
+                import pynvml
+
+                info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
+                yield GaugeMetricFamily(
+                    "stream_gpu_nvml_used_bytes", "device memory used, from NVML", value=float(info.used)
+                )
+            except Exception as exc:
+                logger.debug("NVML read failed: %s", exc)
+
+
+class Metrics:
+    """Every instrument the server updates."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.sessions_active = Gauge("stream_sessions_active", "Open WebSocket streams", registry=r)
+        self.sessions_total = Counter(
+            "stream_sessions_total", "Streams by how they ended", ["outcome"], registry=r
+        )
+        self.sessions_rejected = Counter(
+            "stream_sessions_rejected_total", "Handshakes refused", ["reason"], registry=r
+        )
+        self.audio_seconds = Counter("stream_audio_seconds_total", "Seconds of audio received", registry=r)
+        self.segments_finalized = Counter(
+            "stream_segments_finalized_total", "Final transcripts sent", registry=r
+        )
+        self.segment_errors = Counter(
+            "stream_segment_errors_total", "Segments answered with an Error instead of a final", registry=r
+        )
+        self.interims_sent = Counter("stream_interims_sent_total", "Interim results sent", registry=r)
+        self.interims_skipped = Counter(
+            "stream_interims_skipped_total", "Interim requests skipped under load", registry=r
+        )
+        self.client_errors = Counter(
+            "stream_client_errors_total", "Error events sent to clients", ["code"], registry=r
+        )
+        self.queue_depth = Gauge("stream_queue_depth", "Requests waiting for the model", ["kind"], registry=r)
+        self.batch_size = Histogram(
+            "stream_batch_size", "Requests per model call", ["kind"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "stream_inference_seconds",
+            "Wall time of one model call",
+            ["kind"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "stream_queue_wait_seconds",
+            "Time the oldest request of a batch waited",
+            ["kind"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_failures = Counter("stream_batch_failures_total", "Model calls that raised", registry=r)
+        self.final_latency_seconds = Histogram(
+            "stream_final_latency_seconds",
+            "From the arrival of the audio that closed a segment to its final being sent "
+            "(end-of-speech latency adds the endpointing silence)",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.real_time_factor = Gauge(
+            "stream_real_time_factor", "Inference seconds per audio second, last batch", ["kind"], registry=r
+        )
+        self.model_ready = Gauge("stream_model_ready", "1 once the model is loaded and warm", registry=r)
+
+    def watch_gpu(self, device_index: int) -> None:
+        """Add the GPU memory collector (call once, when the engine runs on CUDA)."""
+        self.registry.register(GpuMemoryCollector(device_index))
+
+    def record_batch(self, report: BatchReport) -> None:
+        kind = "interim" if report.interim else "final"
+        self.batch_size.labels(kind).observe(report.size)
+        self.inference_seconds.labels(kind).observe(report.inference_s)
+        self.queue_wait_seconds.labels(kind).observe(report.queue_wait_s)
+        if report.audio_s > 0:
+            self.real_time_factor.labels(kind).set(report.inference_s / report.audio_s)
+        if report.failed:
+            self.batch_failures.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,496 @@
+"""The only module that touches sockets: the aiohttp app, admission, the pump, closing.
+
+Routes (README, "HTTP endpoints"):
+
+- ``GET /v1/listen`` - the WebSocket stream (README, "Protocol").
+- ``GET /health`` - model, device, readiness; 200 when ready, 503 while loading or failed.
+- ``GET /metrics`` - Prometheus text.
+- ``GET /`` - the live-captions page, when the package carries it.
+
+Each stream runs two tasks around its :class:`~stream_server.session.Session`: a reader, which feeds
+it WebSocket messages (and stops reading while the stream has ``max_pending_finals`` finals waiting for
+the model, so a fast client is slowed by TCP rather than buffered in memory), and a writer, the only
+task that sends. Jobs go to the shared :class:`~stream_server.batcher.Batcher`; each answer is fed back
+to the session and wakes the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from . import __version__
+from .batcher import Batcher, BatcherClosed, InterimSkipped
+from .config import Config
+from .engines.base import Engine, EngineInfo
+from .errors import BadRequest
+from .metrics import Metrics
+from .protocol import Error, ModelInfo, Results, StreamOptions, parse_options, serialize
+from .session import Job, JobKind, Session, SessionIdentity, SessionSettings
+from .vad import FrameVad, WebRtcVad
+
+logger = logging.getLogger(__name__)
+
+READY = "ready"
+LOADING = "loading"
+FAILED = "failed"
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json_error(status: int, code: str, description: str, **headers: str) -> web.Response:
+    body = json.dumps({"type": "Error", "code": code, "description": description, "message": description})
+    return web.Response(
+        status=status,
+        text=body,
+        content_type="application/json",
+        headers={"dg-error": description, **headers},
+    )
+
+
+def default_vad_factory(config: Config) -> Callable[[], FrameVad]:
+    """The per-session VAD the config asks for."""
+    seg = config.segmenter
+    if seg.vad == "fsmn":
+        from .fsmn_vad import FsmnVadModel
+
+        model = FsmnVadModel.load(threads=1)
+        return lambda: model.session_vad(frame_ms=seg.frame_ms, chunk_ms=seg.fsmn_chunk_ms)
+    return lambda: WebRtcVad(seg.vad_aggressiveness, seg.frame_ms, seg.min_energy_dbfs)
+
+
+class Server:
+    """The whole server: model, batcher, metrics and the aiohttp app.
+
+    Args:
+        config: all settings.
+        engine_loader: loads the engine (called once, off the event loop); ignored when ``engine``
+            is given.
+        engine: an already loaded engine (tests pass fakes here).
+        vad_factory: builds each session's VAD (default: from the config).
+        on_fatal: called when the engine cannot be loaded (the CLI exits non-zero).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        engine_loader: Callable[[], Engine] | None = None,
+        engine: Engine | None = None,
+        vad_factory: Callable[[], FrameVad] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        if engine is None and engine_loader is None:
+            raise ValueError("give an engine or an engine_loader")
+        self.config = config
+        self.metrics = Metrics()
+        self._engine_loader = engine_loader
+        self.engine: Engine | None = engine
+        self.batcher: Batcher | None = None
+        self._vad_factory = vad_factory or default_vad_factory(config)
+        self._on_fatal = on_fatal
+        self.state = LOADING
+        self.load_error: str | None = None
+        self.started_s = time.monotonic()
+        self.connections: set[_Connection] = set()
+        self.draining = False
+        self._runner: web.AppRunner | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self.app = self._build_app()
+
+    # ------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def _build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/listen", self._listen)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._index)
+        web_dir = resources.files("stream_server") / "web"
+        if web_dir.is_dir():
+            app.router.add_static("/static/", str(web_dir), show_index=False)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, _: web.Application) -> None:
+        if self.engine is not None:
+            self._engine_ready(self.engine)
+        else:
+            self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        assert self._engine_loader is not None
+        started = time.monotonic()
+        try:
+            engine = await asyncio.get_running_loop().run_in_executor(None, self._engine_loader)
+        except Exception as exc:
+            self.state = FAILED
+            self.load_error = str(exc) or type(exc).__name__
+            logger.error("model could not be loaded: %s", self.load_error, exc_info=True)
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+            return
+        logger.info("model loaded in %.1f s", time.monotonic() - started)
+        self._engine_ready(engine)
+
+    def _engine_ready(self, engine: Engine) -> None:
+        self.engine = engine
+        self.batcher = Batcher(engine, self.config.batch, on_batch=self.metrics.record_batch)
+        self.batcher.start()
+        info = engine.info
+        if info.device.startswith("cuda"):
+            index = int(info.device.split(":")[1]) if ":" in info.device else 0
+            self.metrics.watch_gpu(index)
+        self.state = READY
+        self.metrics.model_ready.set(1)
+        if info.fallback_reason:
+            logger.warning("RUNNING THE FALLBACK MODEL %s: %s", info.name, info.fallback_reason)
+        logger.info("ready: %s (%s) on %s, %s", info.name, info.model, info.device, info.dtype)
+
+    async def _on_shutdown(self, _: web.Application) -> None:
+        await self.drain(self.config.server.drain_timeout_s)
+
+    async def _on_cleanup(self, _: web.Application) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new streams, finalize open ones, and wait up to ``timeout_s`` for them to close."""
+        self.draining = True
+        connections = list(self.connections)
+        if not connections:
+            return
+        logger.info("draining %d stream(s) for up to %.0f s", len(connections), timeout_s)
+        for conn in connections:
+            conn.session.receive_shutdown()
+            conn.after_input()
+        done = asyncio.gather(*(conn.finished.wait() for conn in connections))
+        try:
+            await asyncio.wait_for(done, timeout_s)
+        except TimeoutError:
+            logger.warning(
+                "drain timed out; closing %d stream(s)",
+                sum(1 for c in connections if not c.finished.is_set()),
+            )
+
+    async def start(self) -> tuple[str, int]:
+        """Listen on the configured host and port (0 picks one). Returns the bound address."""
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        host, port = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+        return str(host), int(port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        """Wait until the model is loaded (raises RuntimeError if loading failed)."""
+        deadline = time.monotonic() + timeout_s
+        while self.state == LOADING:
+            if time.monotonic() > deadline:
+                raise TimeoutError("model did not load in time")
+            await asyncio.sleep(0.05)
+        if self.state == FAILED:
+            raise RuntimeError(f"model failed to load: {self.load_error}")
+
+    # ------------------------------------------------------------------------------------------
+    # HTTP
+
+    def model_info(self) -> ModelInfo:
+        assert self.engine is not None
+        info = self.engine.info
+        return ModelInfo(
+            name=info.name,
+            version=__version__,
+            arch=info.name.split("-")[0],
+            uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"stream-server:{info.name}:{info.model}")),
+        )
+
+    def engine_details(self, info: EngineInfo) -> dict[str, Any]:
+        return {
+            "name": info.name,
+            "model": info.model,
+            "device": info.device,
+            "dtype": info.dtype,
+            "languages": list(info.languages),
+            "fallback": info.fallback_reason is not None,
+            "fallback_reason": info.fallback_reason,
+            "max_batch_size": info.max_batch_size,
+            "max_audio_s": info.max_audio_s,
+            **info.extras,
+        }
+
+    async def _health(self, _: web.Request) -> web.Response:
+        body: dict[str, Any] = {
+            "status": self.state if not self.draining else "draining",
+            "ready": self.state == READY and not self.draining,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_s, 1),
+            "sessions": len(self.connections),
+            "max_sessions": self.config.limits.max_sessions,
+        }
+        if self.engine is not None:
+            body["model"] = self.engine_details(self.engine.info)
+        if self.batcher is not None:
+            body["queue_depth"] = self.batcher.queue_depth
+        if self.load_error:
+            body["error"] = self.load_error
+        status = 200 if body["ready"] else 503
+        return web.json_response(body, status=status)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        if self.batcher is not None:
+            self.metrics.queue_depth.labels("final").set(self.batcher.finals_waiting)
+            self.metrics.queue_depth.labels("interim").set(self.batcher.interims_waiting)
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _index(self, _: web.Request) -> web.StreamResponse:
+        page = resources.files("stream_server") / "web" / "index.html"
+        if page.is_file():
+            return web.Response(text=page.read_text(encoding="utf-8"), content_type="text/html")
+        return web.Response(text="stream_server: stream audio to ws://HOST/v1/listen (see the README)\n")
+
+    async def _listen(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            self.metrics.sessions_rejected.labels("draining").inc()
+            return _json_error(
+                503, "SHUTTING_DOWN", "The server is shutting down; retry shortly.", **{"Retry-After": "5"}
+            )
+        if self.state != READY or self.engine is None or self.batcher is None:
+            self.metrics.sessions_rejected.labels("not_ready").inc()
+            if self.state == FAILED:
+                return _json_error(503, "MODEL_FAILED", f"The model could not be loaded: {self.load_error}")
+            return _json_error(
+                503, "MODEL_LOADING", "The model is still loading; retry shortly.", **{"Retry-After": "5"}
+            )
+        ws = web.WebSocketResponse(
+            max_msg_size=max(
+                2 * self.config.limits.max_frame_bytes, self.config.limits.max_frame_bytes + 65536
+            ),
+            heartbeat=20.0,
+        )
+        if not ws.can_prepare(request).ok:
+            return _json_error(
+                426, "WEBSOCKET_REQUIRED", "This endpoint speaks WebSocket; connect with ws:// or wss://."
+            )
+        query = {key: request.query.getall(key) for key in request.query.keys()}
+        try:
+            options = parse_options(query, supported_languages=self.engine.info.languages)
+        except BadRequest as exc:
+            self.metrics.sessions_rejected.labels("bad_request").inc()
+            logger.info("refused %s: %s", request.remote, exc)
+            return _json_error(400, exc.code, exc.description)
+        if len(self.connections) >= self.config.limits.max_sessions:
+            self.metrics.sessions_rejected.labels("capacity").inc()
+            return _json_error(
+                503,
+                "AT_CAPACITY",
+                f"The server is at its limit of {self.config.limits.max_sessions} streams; retry shortly.",
+                **{"Retry-After": "2"},
+            )
+
+        request_id = str(uuid.uuid4())
+        ws.headers["dg-request-id"] = request_id
+        await ws.prepare(request)
+        session = self._new_session(options, request_id)
+        conn = _Connection(self, ws, session)
+        self.connections.add(conn)
+        self.metrics.sessions_active.set(len(self.connections))
+        logger.info("stream %s opened from %s: %s", request_id, request.remote, options)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self.metrics.sessions_active.set(len(self.connections))
+        return ws
+
+    def _new_session(self, options: StreamOptions, request_id: str) -> Session:
+        assert self.engine is not None
+        info = self.engine.info
+        warnings: tuple[str, ...] = ()
+        if info.fallback_reason:
+            warnings = (f"Fallback model {info.name} is running: {info.fallback_reason}",)
+        identity = SessionIdentity(
+            request_id=request_id,
+            created=_now_iso(),
+            model=self.model_info(),
+            model_details=self.engine_details(info),
+            warnings=warnings,
+        )
+        settings = SessionSettings(
+            segmenter=self.config.segmenter,
+            interim=self.config.interim,
+            max_client_errors=self.config.limits.max_client_errors,
+            max_session_s=self.config.limits.max_session_s,
+            max_frame_bytes=self.config.limits.max_frame_bytes,
+        )
+        return Session(options, settings, self._vad_factory(), identity)
+
+
+class _Connection:
+    """The pump between one WebSocket, its session and the batcher."""
+
+    def __init__(self, server: Server, ws: web.WebSocketResponse, session: Session) -> None:
+        self.server = server
+        self.ws = ws
+        self.session = session
+        self.wake = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.finished = asyncio.Event()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._closed_by_us = False
+        self._final_started: dict[int, float] = {}
+        self._outcome = "client_closed"
+        self._bytes_per_second = session.options.sample_rate_hz * session.options.bytes_per_frame
+
+    async def run(self) -> None:
+        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        try:
+            await self._read_loop()
+        finally:
+            if not self._closed_by_us:
+                for job_id in self.session.receive_disconnect():
+                    task = self._tasks.pop(job_id, None)
+                    if task is not None:
+                        task.cancel()
+                self.wake.set()
+            await writer
+            for task in self._tasks.values():
+                task.cancel()
+            self.server.metrics.sessions_total.labels(self._outcome).inc()
+            self.finished.set()
+            logger.info(
+                "stream %s closed (%s): %.1f s of audio, %d segment(s)",
+                self.session.identity.request_id,
+                self._outcome,
+                self.session.audio_duration_s,
+                self.session.segments_finalized,
+            )
+
+    async def _read_loop(self) -> None:
+        idle_timeout = self.server.config.limits.idle_timeout_s
+        metrics = self.server.metrics
+        while not self.ws.closed:
+            await self.room.wait()
+            timeout = None if self.session.closing else idle_timeout
+            try:
+                msg = await asyncio.wait_for(self.ws.receive(), timeout)
+            except TimeoutError:
+                self.session.receive_idle_timeout()
+                self.after_input()
+                continue
+            if msg.type == WSMsgType.BINARY:
+                data: bytes = msg.data
+                metrics.audio_seconds.inc(len(data) / self._bytes_per_second)
+                self.session.receive_audio(data)
+            elif msg.type == WSMsgType.TEXT:
+                self.session.receive_text(msg.data)
+            else:  # CLOSE, CLOSING, CLOSED, ERROR: the client (or the close we started) ends it
+                if msg.type == WSMsgType.ERROR:
+                    logger.info("stream %s: socket error: %s", self.session.identity.request_id, msg.data)
+                break
+            self.after_input()
+
+    def after_input(self) -> None:
+        """Hand new jobs to the batcher and wake the writer (call after every ``receive_*``)."""
+        for job in self.session.jobs_to_run():
+            self._dispatch(job)
+        if self.session.pending_finals >= self.server.config.limits.max_pending_finals:
+            self.room.clear()
+        else:
+            self.room.set()
+        self.wake.set()
+
+    def _dispatch(self, job: Job) -> None:
+        batcher = self.server.batcher
+        assert batcher is not None
+        loop = asyncio.get_running_loop()
+        if job.kind is JobKind.FINAL:
+            self._final_started[job.segment_id] = time.monotonic()
+            self._tasks[job.job_id] = loop.create_task(self._run(job, batcher.submit_final(job.request)))
+            return
+        future = batcher.submit_interim(job.request)
+        if future is None:
+            self.server.metrics.interims_skipped.inc()
+            self.session.receive_skipped(job.job_id)
+            return
+        self._tasks[job.job_id] = loop.create_task(self._run(job, future))
+
+    async def _run(self, job: Job, pending: Any) -> None:
+        try:
+            transcript = await pending
+        except asyncio.CancelledError:
+            raise
+        except InterimSkipped:
+            self.server.metrics.interims_skipped.inc()
+            self.session.receive_skipped(job.job_id)
+        except BatcherClosed:
+            self.session.receive_failure(
+                job.job_id,
+                "SERVER_SHUTTING_DOWN",
+                "The server shut down before this segment could be transcribed.",
+            )
+        except Exception:
+            # The batcher logged the cause once; the client gets a stable code, no internals.
+            self.session.receive_failure(
+                job.job_id, "TRANSCRIPTION_FAILED", "The model failed on this segment; the server logged why."
+            )
+        else:
+            self.session.receive_result(job.job_id, transcript)
+        finally:
+            self._tasks.pop(job.job_id, None)
+        self.after_input()
+
+    async def _write_loop(self) -> None:
+        metrics = self.server.metrics
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            for event in self.session.events_to_send():
+                if isinstance(event, Results):
+                    if event.is_final:
+                        metrics.segments_finalized.inc()
+                        started = self._final_started.pop(event.segment_id, None)
+                        if started is not None:
+                            metrics.final_latency_seconds.observe(time.monotonic() - started)
+                    else:
+                        metrics.interims_sent.inc()
+                elif isinstance(event, Error):
+                    metrics.client_errors.labels(event.code).inc()
+                    if event.start_s is not None:
+                        metrics.segment_errors.inc()
+                if self.ws.closed:
+                    break
+                with contextlib.suppress(ConnectionResetError):
+                    await self.ws.send_str(serialize(event))
+            close = self.session.close
+            if close is not None or self.ws.closed:
+                if close is not None and not self.ws.closed:
+                    self._closed_by_us = True
+                    self._outcome = close.reason if close.code != 1000 else "completed"
+                    await self.ws.close(code=int(close.code), message=close.reason.encode()[:120])
+                return

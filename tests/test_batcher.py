@@ -1,0 +1,205 @@
+"""The batching worker against a fake engine that records batch sizes and can raise."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from stream_server.batcher import Batcher, BatcherClosed, BatchReport
+from stream_server.config import BatchConfig
+from stream_server.engines.base import TranscribeRequest
+
+from .fakes import FakeEngine
+
+
+def req(seconds: float, *, language: str = "auto", marker: float = 0.1) -> TranscribeRequest:
+    audio = np.full(int(seconds * 16000), marker, dtype=np.float32)
+    return TranscribeRequest(audio=audio, language=language)  # type: ignore[arg-type]
+
+
+async def test_waiting_requests_share_one_batch() -> None:
+    """Requests that arrive together are run as one batch, up to max_batch_size."""
+    engine = FakeEngine(delay_s=0.05)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=4, max_wait_ms=50))
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit_final(req(1.0 + i / 10)) for i in range(10)))
+    await batcher.stop()
+    assert [r.text for r in results] == [f"clip {1.0 + i / 10:.2f}" for i in range(10)]
+    sizes = [len(b) for b in engine.batches]
+    assert sum(sizes) == 10 and max(sizes) == 4 and len(sizes) <= 4
+
+
+async def test_engine_runs_off_the_event_loop_in_one_thread() -> None:
+    """The engine is called from one dedicated worker thread, never the event loop's."""
+    engine = FakeEngine(delay_s=0.01)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=2, max_wait_ms=0))
+    batcher.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    await asyncio.gather(ticker(), *(batcher.submit_final(req(0.5)) for _ in range(6)))
+    await batcher.stop()
+    assert len(engine.threads) == 1 and next(iter(engine.threads)).startswith("engine")
+    assert ticks == 20
+
+
+async def test_failed_batch_fails_only_its_requests_and_worker_carries_on() -> None:
+    """An engine exception reaches every request of that batch, and later batches still succeed."""
+    engine = FakeEngine(fail_when=lambda r: r.language == "ja")
+    batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=20))
+    batcher.start()
+    outcomes = await asyncio.gather(
+        batcher.submit_final(req(1, language="ja")),
+        batcher.submit_final(req(1, language="ja")),
+        batcher.submit_final(req(1, language="en")),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], RuntimeError) and isinstance(outcomes[1], RuntimeError)
+    assert not isinstance(outcomes[2], BaseException)
+    later = await batcher.submit_final(req(2, language="en"))
+    await batcher.stop()
+    assert later.text == "clip 2.00"
+
+
+async def test_poison_request_fails_alone_after_retry() -> None:
+    """When one request breaks a shared batch, the rest are retried one by one and succeed."""
+    engine = FakeEngine(fail_when=lambda r: float(r.audio[0]) == np.float32(0.9))
+    batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=30))
+    batcher.start()
+    outcomes = await asyncio.gather(
+        batcher.submit_final(req(1, marker=0.1)),
+        batcher.submit_final(req(1, marker=0.9)),
+        batcher.submit_final(req(1, marker=0.2)),
+        return_exceptions=True,
+    )
+    await batcher.stop()
+    assert len(engine.batches[0]) == 3, "they were batched together first"
+    assert isinstance(outcomes[1], RuntimeError)
+    assert not isinstance(outcomes[0], BaseException) and not isinstance(outcomes[2], BaseException)
+
+
+async def test_batches_never_mix_languages() -> None:
+    """Requests with different batch keys (language, itn) never share a model call."""
+    engine = FakeEngine()
+    batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=30))
+    batcher.start()
+    langs = ["en", "zh", "en", "zh", "ja", "en"]
+    await asyncio.gather(*(batcher.submit_final(req(1, language=lang)) for lang in langs))
+    await batcher.stop()
+    for batch in engine.batches:
+        assert len({r.batch_key for r in batch}) == 1
+
+
+async def test_similar_lengths_are_grouped() -> None:
+    """With more waiting than fits, a batch takes the requests closest in length to the oldest."""
+    engine = FakeEngine(delay_s=0.1)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=3, max_wait_ms=0))
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit_final(req(0.1)))
+    await asyncio.sleep(0.03)  # the worker is busy with the blocker; the rest queue up
+    lengths = [10.0, 2.0, 9.5, 2.1, 9.8, 1.9]
+    await asyncio.gather(blocker, *(batcher.submit_final(req(s)) for s in lengths))
+    await batcher.stop()
+    grouped = [sorted(round(len(r.audio) / 16000, 1) for r in b) for b in engine.batches[1:]]
+    assert [9.5, 9.8, 10.0] in grouped and [1.9, 2.0, 2.1] in grouped
+
+
+async def test_finals_go_before_interims() -> None:
+    """When finals and interims both wait, finals run first and never share a batch with interims."""
+    engine = FakeEngine(delay_s=0.05)
+    batcher = Batcher(
+        engine, BatchConfig(max_batch_size=4, max_wait_ms=0, max_queue=64, interim_queue_fraction=1.0)
+    )
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit_final(req(0.1)))
+    await asyncio.sleep(0.02)
+    interims = [batcher.submit_interim(req(1, marker=0.5)) for _ in range(3)]
+    assert all(f is not None for f in interims)
+    finals = [asyncio.ensure_future(batcher.submit_final(req(1, marker=0.2))) for _ in range(3)]
+    await asyncio.gather(blocker, *finals, *[f for f in interims if f is not None])
+    await batcher.stop()
+    kinds = [{float(r.audio[0]) for r in b} for b in engine.batches[1:]]
+    assert kinds[0] == {np.float32(0.2)}
+    assert all(len(k) == 1 for k in kinds)
+
+
+async def test_interims_refused_when_finals_wait_or_queue_busy() -> None:
+    """An interim is refused (None) while finals are waiting or the queue is past its interim share."""
+    engine = FakeEngine(delay_s=0.1)
+    batcher = Batcher(
+        engine, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=8, interim_queue_fraction=0.25)
+    )
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit_final(req(0.1)))
+    await asyncio.sleep(0.02)
+    waiting = asyncio.ensure_future(batcher.submit_final(req(0.1)))
+    await asyncio.sleep(0.01)
+    assert batcher.submit_interim(req(1)) is None
+    await asyncio.gather(running, waiting)
+    first = batcher.submit_interim(req(1))
+    second = batcher.submit_interim(req(1))
+    third = batcher.submit_interim(req(1))
+    assert first is not None and second is not None and third is None
+    await asyncio.gather(first, second)
+    await batcher.stop()
+
+
+async def test_full_queue_makes_finals_wait_not_fail() -> None:
+    """With the queue full, a new final waits for room and then completes; nothing is dropped."""
+    engine = FakeEngine(delay_s=0.02)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=2))
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit_final(req(0.2)) for _ in range(12)))
+    await batcher.stop()
+    assert len(results) == 12 and sum(len(b) for b in engine.batches) == 12
+
+
+async def test_stop_fails_queued_requests() -> None:
+    """Stopping the batcher fails what is still queued with BatcherClosed instead of leaving it hanging."""
+    engine = FakeEngine(delay_s=0.2)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0))
+    batcher.start()
+    futures = [asyncio.ensure_future(batcher.submit_final(req(0.1))) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    await batcher.stop()
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert any(isinstance(o, BatcherClosed) for o in outcomes)
+    assert all(not isinstance(o, asyncio.CancelledError) for o in outcomes)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit_final(req(0.1))
+
+
+async def test_cancelled_requests_are_not_run() -> None:
+    """A request whose caller went away before its batch started is not sent to the engine."""
+    engine = FakeEngine(delay_s=0.1)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0))
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.1)))
+    await asyncio.sleep(0.02)
+    doomed = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.9)))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    await first
+    await asyncio.sleep(0.15)
+    await batcher.stop()
+    assert all(float(r.audio[0]) != np.float32(0.9) for b in engine.batches for r in b)
+
+
+async def test_reports_each_batch() -> None:
+    """The on_batch hook sees each call's size, audio seconds and failure flag."""
+    reports: list[BatchReport] = []
+    engine = FakeEngine(fail_when=lambda r: len(r.audio) > 48000)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=4, max_wait_ms=0), on_batch=reports.append)
+    batcher.start()
+    await batcher.submit_final(req(1.5))
+    with pytest.raises(RuntimeError):
+        await batcher.submit_final(req(4))
+    await batcher.stop()
+    assert [(r.size, r.audio_s, r.failed) for r in reports] == [(1, 1.5, False), (1, 4.0, True)]
