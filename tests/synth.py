@@ -70,7 +70,9 @@ def describe(job: Job) -> Transcript:
     return Transcript(
         text=text,
         confidence=0.9,
-        words=(Word(text.split()[0], text.split()[0], 0.0, duration, 0.9),) if job.request.word_timestamps else (),
+        words=(Word(text.split()[0], text.split()[0], 0.0, duration, 0.9),)
+        if job.request.word_timestamps
+        else (),
         language="en",
         emotion="neutral",
         audio_event="speech",
