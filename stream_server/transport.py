@@ -24,7 +24,8 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
-from importlib import resources
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -58,6 +59,16 @@ def _json_error(status: int, code: str, description: str, **headers: str) -> web
         content_type="application/json",
         headers={"dg-error": description, **headers},
     )
+
+
+def web_dir() -> Path | None:
+    """Where the browser client and captions page are installed (``client_js/`` in the source tree,
+    packaged as ``stream_server.web``), or None when absent."""
+    spec = importlib.util.find_spec("stream_server.web")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)))
+    return path if path.is_dir() else None
 
 
 def default_vad_factory(config: Config) -> Callable[[], FrameVad]:
@@ -119,9 +130,9 @@ class Server:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
-        web_dir = resources.files("stream_server") / "web"
-        if web_dir.is_dir():
-            app.router.add_static("/static/", str(web_dir), show_index=False)
+        static = web_dir()
+        if static is not None:
+            app.router.add_static("/static/", static, show_index=False)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -268,8 +279,9 @@ class Server:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def _index(self, _: web.Request) -> web.StreamResponse:
-        page = resources.files("stream_server") / "web" / "index.html"
-        if page.is_file():
+        static = web_dir()
+        page = static / "index.html" if static is not None else None
+        if page is not None and page.is_file():
             return web.Response(text=page.read_text(encoding="utf-8"), content_type="text/html")
         return web.Response(text="stream_server: stream audio to ws://HOST/v1/listen (see the README)\n")
 

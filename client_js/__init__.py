@@ -1,0 +1,1 @@
+"""Marks client_js/ as the package data stream_server.web (see pyproject.toml); no Python here."""
