@@ -46,4 +46,6 @@ echo "== ruff"
 echo "== mypy"
 "$VENV/bin/mypy"
 echo "== pytest"
+# Tests that need a tool (chromium, node_modules, espeak-ng) fail rather than skip when it is missing.
+export STREAM_SERVER_REQUIRE_ALL=1
 "$VENV/bin/python" -m pytest "$@"

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ from .session import Job, JobKind, Session, SessionIdentity, SessionSettings
 from .vad import FrameVad, WebRtcVad
 
 logger = logging.getLogger(__name__)
+
+STATIC_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(?:js|mjs|css|html|svg|png|ico)")
 
 READY = "ready"
 LOADING = "loading"
@@ -130,9 +133,7 @@ class Server:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
-        static = web_dir()
-        if static is not None:
-            app.router.add_static("/static/", static, show_index=False)
+        app.router.add_get("/static/{name}", self._static)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -270,7 +271,8 @@ class Server:
         if self.load_error:
             body["error"] = self.load_error
         status = 200 if body["ready"] else 503
-        return web.json_response(body, status=status)
+        # Pages on other origins (a dashboard, the browser client hosted elsewhere) may read it.
+        return web.json_response(body, status=status, headers={"Access-Control-Allow-Origin": "*"})
 
     async def _metrics(self, _: web.Request) -> web.Response:
         if self.batcher is not None:
@@ -284,6 +286,15 @@ class Server:
         if page is not None and page.is_file():
             return web.Response(text=page.read_text(encoding="utf-8"), content_type="text/html")
         return web.Response(text="stream_server: stream audio to ws://HOST/v1/listen (see the README)\n")
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        """The browser client's own files: top-level files of ``client_js/`` with a web extension only
+        (never its tests or node_modules)."""
+        name = request.match_info["name"]
+        static = web_dir()
+        if static is None or not STATIC_NAME.fullmatch(name) or not (static / name).is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(static / name, headers={"Cache-Control": "no-cache"})
 
     async def _listen(self, request: web.Request) -> web.StreamResponse:
         if self.draining:

