@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,3 +20,13 @@ REQUIRE_ALL = bool(os.environ.get("STREAM_SERVER_REQUIRE_ALL"))
 def skip_unless(available: bool, reason: str) -> pytest.MarkDecorator:
     """Skip when a tool is missing on a developer's machine; in the full test run, let the test fail."""
     return pytest.mark.skipif(not available and not REQUIRE_ALL, reason=reason)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SenseVoice Small folder with random weights and 2 encoder blocks: funasr's real code path, fast."""
+    from stream_server.testing.sensevoice_random import build_random_sensevoice
+
+    cache = os.environ.get("STREAM_SERVER_TEST_CACHE")
+    base = Path(cache) if cache else tmp_path_factory.mktemp("models")
+    return build_random_sensevoice(base / "sensevoice-small-random", num_blocks=2, tp_blocks=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,13 +35,6 @@ MAX_AUDIO_S = 10.0
 def noise(seconds: float, seed: int, level: float = 0.1) -> npt.NDArray[np.float32]:
     rng = np.random.default_rng(seed)
     return (level * rng.standard_normal(int(round(seconds * SAMPLE_RATE_HZ)))).astype(np.float32)
-
-
-@pytest.fixture(scope="session")
-def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = os.environ.get("STREAM_SERVER_TEST_CACHE")
-    base = Path(cache) if cache else tmp_path_factory.mktemp("models")
-    return build_random_sensevoice(base / "sensevoice-small-random", num_blocks=2, tp_blocks=1)
 
 
 @pytest.fixture(scope="session")
