@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from .engines.base import SAMPLE_RATE_HZ
+from .engines.funasr_loading import load_automodel
 from .errors import ConfigError, EngineError
 from .vad import Int16Array
 
@@ -209,17 +210,11 @@ class FsmnVadModel:
 
         default_threads = torch.get_num_threads()
         try:
-            from funasr import AutoModel
             from funasr.models.fsmn_vad_streaming.model import FsmnVADStreaming
 
-            auto_model = AutoModel(
-                model=str(folder),
-                disable_update=True,  # else funasr asks PyPI for a newer version, with no timeout
-                disable_pbar=True,
-                disable_log=True,
-                ncpu=threads,  # funasr insists; it sets the process default, restored below
-                device="cpu",  # a few ms per second of audio: not worth a GPU transfer
-            )
+            # ncpu: funasr insists; it sets the process default, restored below. CPU: a few ms per
+            # second of audio is not worth a GPU transfer.
+            auto_model = load_automodel(folder, threads=threads, device="cpu")
         except Exception as exc:
             raise EngineError(
                 f"funasr could not load FSMN-VAD from {folder}: {type(exc).__name__}: {exc}"

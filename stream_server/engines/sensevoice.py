@@ -52,6 +52,7 @@ from ..config import EngineConfig
 from ..errors import ConfigError, EngineError
 from . import hub
 from .base import SAMPLE_RATE_HZ, EngineInfo, TranscribeRequest, Transcript, Word
+from .funasr_loading import load_automodel
 
 logger = logging.getLogger(__name__)
 
@@ -311,17 +312,9 @@ class SenseVoiceEngine:
         # ncpu makes funasr call torch.set_num_threads; set it here too so the intent is explicit.
         torch.set_num_threads(threads)
         try:
-            from funasr import AutoModel
             from funasr.models.sense_voice.model import SenseVoiceSmall
 
-            auto_model = AutoModel(
-                model=str(folder),
-                disable_update=True,  # else funasr asks PyPI for a newer version, with no timeout
-                disable_pbar=True,
-                disable_log=True,
-                ncpu=threads,
-                device=str(device),
-            )
+            auto_model = load_automodel(folder, threads=threads, device=str(device))
         except Exception as exc:
             raise EngineError(
                 f"funasr could not load SenseVoice from {folder}: {type(exc).__name__}: {exc}"
@@ -409,6 +402,10 @@ class SenseVoiceEngine:
         Raises:
             EngineError: a clip is longer than ``max_audio_s`` or is not mono audio.
         """
+        # torch's thread count is per OS thread once that thread has used torch: set it in the thread
+        # that runs the model (the batcher's worker), whatever another thread set since loading.
+        if torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
         audios = [self._check_audio(i, r) for i, r in enumerate(requests)]
         results: list[Transcript | None] = [None] * len(requests)
         groups: dict[tuple[str, bool], list[int]] = {}
