@@ -24,17 +24,9 @@ from dataclasses import dataclass, field
 
 from .config import BatchConfig
 from .engines.base import Engine, TranscribeRequest, Transcript
-from .errors import EngineError
+from .errors import BatcherClosed, EngineError, InterimSkipped
 
 logger = logging.getLogger(__name__)
-
-
-class InterimSkipped(Exception):
-    """An interim request was dropped because the model is busy; the session backs off."""
-
-
-class BatcherClosed(EngineError):
-    """The batcher is stopping; no more requests are taken."""
 
 
 @dataclass(frozen=True)

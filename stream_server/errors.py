@@ -5,7 +5,9 @@
     StreamServerError
     ├── ConfigError            a setting is invalid (start-up; names the field)
     ├── EngineError            the model could not be loaded or failed on a batch
-    │   └── EngineOverloaded   the request queue is full
+    │   ├── ModelDownloadError a hub could not deliver the model (``--model auto`` then falls back)
+    │   └── BatcherClosed      the server is shutting down; no more requests are taken
+    ├── InterimSkipped         an interim request was dropped because the model is busy
     └── ClientError            something a client sent; carries a stable code and a close code
         ├── BadRequest         invalid query parameters (HTTP 400 at the handshake)
         └── ProtocolViolation  bad input on an open stream (an ``Error`` event, maybe a close)
@@ -46,8 +48,16 @@ class EngineError(StreamServerError):
     """The model could not be loaded, or failed on a batch."""
 
 
-class EngineOverloaded(EngineError):
-    """The batcher's queue is full; the request was not accepted."""
+class ModelDownloadError(EngineError):
+    """A model could not be fetched from its hub (network down, unknown id...)."""
+
+
+class BatcherClosed(EngineError):
+    """The batcher is stopping; no more requests are taken."""
+
+
+class InterimSkipped(StreamServerError):
+    """An interim request was dropped because the model is busy; the session backs off."""
 
 
 class ClientError(StreamServerError):

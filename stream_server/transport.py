@@ -32,10 +32,10 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from . import __version__
-from .batcher import Batcher, BatcherClosed, InterimSkipped
+from .batcher import Batcher
 from .config import Config
 from .engines.base import Engine, EngineInfo
-from .errors import BadRequest
+from .errors import BadRequest, BatcherClosed, InterimSkipped
 from .metrics import Metrics
 from .protocol import Error, ModelInfo, Results, StreamOptions, parse_options, serialize
 from .session import Job, JobKind, Session, SessionIdentity, SessionSettings

@@ -7,9 +7,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from stream_server.batcher import Batcher, BatcherClosed, BatchReport
+from stream_server.batcher import Batcher, BatchReport
 from stream_server.config import BatchConfig
 from stream_server.engines.base import TranscribeRequest
+from stream_server.errors import BatcherClosed
 
 from .fakes import FakeEngine
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import EngineConfig
-from ..errors import EngineError
+from ..errors import ModelDownloadError
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*
 
 HubProbe = Callable[[Hub, float], "str | None"]
 """``probe(hub, timeout_s)``: None when the hub answered in time, else a short description of the failure."""
-
-
-class ModelDownloadError(EngineError):
-    """A model could not be fetched from its hub (network down, unknown id...)."""
 
 
 @dataclass(frozen=True)
