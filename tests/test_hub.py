@@ -22,14 +22,13 @@ from stream_server.engines import hub
 from stream_server.engines.base import EngineInfo, TranscribeRequest, Transcript
 from stream_server.engines.hub import (
     ModelChoice,
-    ModelDownloadError,
     download_model,
     find_cached_sensevoice,
     http_probe,
     resolve_model,
 )
 from stream_server.engines.loader import load_engine
-from stream_server.errors import EngineError
+from stream_server.errors import EngineError, ModelDownloadError
 
 CACHE_ENV = ("MODELSCOPE_CACHE", "MS_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME", "HF_ENDPOINT")
 

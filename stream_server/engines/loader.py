@@ -12,8 +12,9 @@ import logging
 import time
 
 from ..config import EngineConfig
+from ..errors import ModelDownloadError
 from .base import Engine
-from .hub import HubProbe, ModelDownloadError, resolve_model
+from .hub import HubProbe, resolve_model
 
 logger = logging.getLogger(__name__)
 
