@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs["choices"] = choices
             elif hint in (int, float, str):
                 kwargs["type"] = hint
+                kwargs["metavar"] = {int: "N", float: "X", str: "TEXT"}[hint]
             default = f.default
             if env in os.environ:
                 raw = os.environ[env]
