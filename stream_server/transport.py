@@ -313,7 +313,9 @@ class Server:
             max_msg_size=max(
                 2 * self.config.limits.max_frame_bytes, self.config.limits.max_frame_bytes + 65536
             ),
-            heartbeat=20.0,
+            # Pings find peers that vanished without a FIN. Generous, because while a stream waits on
+            # back-pressure its socket is not read, so a pong can sit behind queued audio.
+            heartbeat=60.0,
         )
         if not ws.can_prepare(request).ok:
             return _json_error(
