@@ -146,6 +146,23 @@ class Batcher:
             self._changed.notify_all()
         return await item.future
 
+    def submit_speculative(self, request: TranscribeRequest) -> asyncio.Future[Transcript] | None:
+        """Queue a final started early (the speaker paused) unless the model is backlogged.
+
+        It waits with the finals (it is likely to become one) but, like an interim, is refused when
+        finals are already waiting or the queue is busy, so speculation never delays a real final.
+
+        Returns:
+            A future for the transcript, or None when refused.
+        """
+        limit = max(1, int(self.config.max_queue * self.config.interim_queue_fraction))
+        if self._closed or self.queue_depth >= limit or self._finals:
+            return None
+        item = _Item(request, asyncio.get_running_loop().create_future(), interim=False)
+        self._finals.append(item)
+        asyncio.get_running_loop().create_task(self._notify())
+        return item.future
+
     def submit_interim(self, request: TranscribeRequest) -> asyncio.Future[Transcript] | None:
         """Queue an interim request unless the model is busy.
 

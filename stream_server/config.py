@@ -95,6 +95,9 @@ class SegmenterConfig:
         endpointing_ms: trailing silence that ends a segment when the client does not say.
         no_endpointing_silence_ms: with ``endpointing=false``, silence this long still closes a
             segment (``is_final=true``, ``speech_final=false``).
+        speculative_final_ms: after this much trailing silence, start transcribing the segment; if it
+            then ends with no more speech, that result is its final, so the model works while the
+            endpointing silence runs out (0 turns it off; values at or above the endpointing do nothing).
         min_speech_ms: segments with less speech than this that end on a pause are dropped (clicks).
         max_segment_ms: no segment the model sees is longer; longer speech is cut at the quietest
             point within the last ``cut_search_ms``.
@@ -112,6 +115,7 @@ class SegmenterConfig:
     post_roll_ms: int = 300
     endpointing_ms: int = 500
     no_endpointing_silence_ms: int = 2000
+    speculative_final_ms: int = 200
     min_speech_ms: int = 200
     max_segment_ms: int = 20000
     cut_search_ms: int = 3000
@@ -138,6 +142,7 @@ class SegmenterConfig:
         _check(
             10 <= self.no_endpointing_silence_ms <= 60000, "no_endpointing_silence_ms", "must be 10..60000"
         )
+        _check(0 <= self.speculative_final_ms <= 10000, "speculative_final_ms", "must be 0..10000 (0: off)")
         _check(0 <= self.min_speech_ms <= 5000, "min_speech_ms", "must be 0..5000")
         _check(
             2000 <= self.max_segment_ms <= 60000,

@@ -96,6 +96,13 @@ class Metrics:
             "stream_segment_errors_total", "Segments answered with an Error instead of a final", registry=r
         )
         self.interims_sent = Counter("stream_interims_sent_total", "Interim results sent", registry=r)
+        self.speculations = Counter(
+            "stream_speculative_finals_total",
+            "Finals started during the trailing pause, by outcome: used as the final, wasted because "
+            "speech resumed, or refused because the model was busy",
+            ["outcome"],
+            registry=r,
+        )
         self.interims_skipped = Counter(
             "stream_interims_skipped_total", "Interim requests skipped under load", registry=r
         )

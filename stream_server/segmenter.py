@@ -163,6 +163,23 @@ class Segmenter:
         return self._segment_start
 
     @property
+    def trailing_silence_frames(self) -> int:
+        """Non-speech frames since the open segment's last speech frame (0 while speech goes on)."""
+        return self._trailing_unvoiced if self.in_segment else 0
+
+    @property
+    def segment_would_be_kept(self) -> bool:
+        """Ending the open segment on a pause now would transcribe it (it is not a short blip)."""
+        return self.in_segment and (
+            self._continuation or self._voiced_frames >= self.settings.min_speech_frames
+        )
+
+    @property
+    def segment_speech_end_sample(self) -> int:
+        """One past the open segment's last speech frame."""
+        return self._last_speech_end
+
+    @property
     def position_sample(self) -> int:
         """One past the last classified sample."""
         return self.frames_seen * self.settings.frame_samples

@@ -26,7 +26,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Concatenate, ParamSpec
 
@@ -71,6 +71,8 @@ P = ParamSpec("P")
 class JobKind(Enum):
     FINAL = "final"
     INTERIM = "interim"
+    SPECULATIVE = "speculative"
+    """A final started early, during the trailing silence; adopted as the final if no speech follows."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ class Job:
 
     Attributes:
         job_id: unique within the session.
-        kind: FINAL (one per segment, never dropped) or INTERIM (may be skipped under load).
+        kind: FINAL (one per segment, never dropped), INTERIM (may be skipped under load) or
+            SPECULATIVE (a final started early; may be refused, and is cancelled if speech resumes).
         request: what the engine sees.
         segment_id: the segment it belongs to.
         start_sample: where its audio starts in the session (16 kHz samples).
@@ -258,6 +261,19 @@ class Session:
         self._interim_backoff = 1
         self._next_interim_sample = 0
 
+        seg = settings.segmenter
+        speculate = math.ceil(seg.speculative_final_ms / seg.frame_ms) if seg.speculative_final_ms else 0
+        self._speculate_frames = speculate if 0 < speculate < self._seg_settings.endpoint_frames else 0
+        self._speculation: Job | None = None  # the open segment's early final, while it may be adopted
+        self._speculation_speech_end = 0
+        self._speculation_result: tuple[int, Transcript] | None = None
+        self._cancelled: list[int] = []
+        self._closed_segments: list[int] = []
+        self.speculations_used = 0
+        """Finals delivered from a speculative job (the model had started before the pause ran out)."""
+        self.speculations_wasted = 0
+        """Speculative jobs thrown away because speech resumed."""
+
     # ------------------------------------------------------------------------------------------
     # What the transport reads
 
@@ -292,9 +308,23 @@ class Session:
         return self._segments_finalized
 
     def jobs_to_run(self) -> list[Job]:
-        """Jobs created since the last call; each must be answered with exactly one ``receive_*``."""
+        """Jobs created since the last call; each must be answered with exactly one ``receive_*``.
+
+        A speculative job adopted before it was handed out comes out as the FINAL it became; one
+        abandoned before it was handed out does not come out at all.
+        """
         jobs, self._new_jobs = self._new_jobs, []
-        return jobs
+        return [self._jobs[job.job_id] for job in jobs if job.job_id in self._jobs]
+
+    def jobs_to_cancel(self) -> list[int]:
+        """Ids of handed-out jobs whose answers are no longer wanted (speculation that speech overtook)."""
+        cancelled, self._cancelled = self._cancelled, []
+        return cancelled
+
+    def segments_closed(self) -> list[int]:
+        """Ids of segments whose end was decided since the last call (for the latency metric)."""
+        closed, self._closed_segments = self._closed_segments, []
+        return closed
 
     def events_to_send(self) -> list[ServerEvent]:
         """Events ready for the client, in the order they must be sent."""
@@ -385,6 +415,10 @@ class Session:
             if job.segment_id == self._segmenter.segment_id and self._closing is None:
                 self._slots.append(_Slot(event=self._results(job, transcript)))
             return
+        if job.kind is JobKind.SPECULATIVE:
+            # Kept until the segment ends: adopted then if no speech came after it.
+            self._speculation_result = (job_id, transcript)
+            return
         self._fill(job_id, self._results(job, transcript))
 
     @_guarded
@@ -396,18 +430,25 @@ class Session:
         if job.kind is JobKind.INTERIM:
             self._interim_back_off(job)
             return
+        if job.kind is JobKind.SPECULATIVE:
+            self._drop_speculation()  # the segment's end will ask for an ordinary final
+            return
         start_s = job.start_sample / SAMPLE_RATE_HZ
         duration_s = (job.end_sample - job.start_sample) / SAMPLE_RATE_HZ
         self._fill(job_id, Error(code, description, None, start_s, duration_s))
 
     @_guarded
     def receive_skipped(self, job_id: int) -> None:
-        """An interim job was skipped because the model is busy: interims back off."""
+        """An interim or speculative job was refused because the model is busy: interims back off, and
+        the segment's final is asked for the ordinary way when it ends."""
         job = self._jobs.pop(job_id, None)
         if job is None:
             return
         if job.kind is JobKind.FINAL:  # never happens: finals are never skipped
             self._fill(job_id, Error("INTERNAL_ERROR", "A final transcript was skipped.", None))
+            return
+        if job.kind is JobKind.SPECULATIVE:
+            self._drop_speculation()  # the model is busy: the segment's end asks for an ordinary final
             return
         self._interim_back_off(job)
 
@@ -497,6 +538,7 @@ class Session:
 
     def _push(self, flag: bool, level: float) -> None:
         self._handle(self._segmenter.push(flag, level))
+        self._maybe_speculate()
         if (
             self._utterance_pending
             and not self._segmenter.in_segment
@@ -524,11 +566,37 @@ class Session:
                 )
 
     def _final_job(self, event: SegmentEnded) -> None:
-        audio = self._ring.read(event.start_sample, event.end_sample)
-        job = self._new_job(
-            JobKind.FINAL, event.segment_id, event.start_sample, event.end_sample, audio, reason=event.reason
-        )
-        self._slots.append(_Slot(job_id=job.job_id))
+        self._closed_segments.append(event.segment_id)
+        spec = self._speculation
+        if (
+            spec is not None
+            and spec.segment_id == event.segment_id
+            and self._speculation_speech_end == event.last_speech_sample
+        ):
+            # No speech after the speculative job began: its transcript is this segment's final.
+            self._speculation = None
+            self.speculations_used += 1
+            final = replace(spec, kind=JobKind.FINAL, end_sample=event.end_sample, reason=event.reason)
+            self._slots.append(_Slot(job_id=spec.job_id))
+            result = self._speculation_result
+            self._speculation_result = None
+            if result is not None and result[0] == spec.job_id:
+                self._fill(spec.job_id, self._results(final, result[1]))
+            else:
+                self._jobs[spec.job_id] = final
+        else:
+            if spec is not None:
+                self._abandon_speculation()
+            audio = self._ring.read(event.start_sample, event.end_sample)
+            job = self._new_job(
+                JobKind.FINAL,
+                event.segment_id,
+                event.start_sample,
+                event.end_sample,
+                audio,
+                reason=event.reason,
+            )
+            self._slots.append(_Slot(job_id=job.job_id))
         self._segments_finalized += 1
         self._last_final_end_sample = event.end_sample
         if self._utterance_end_samples:
@@ -548,13 +616,51 @@ class Session:
             audio=audio.astype(np.float32) * np.float32(1.0 / 32768.0),
             language=self.options.language,
             use_itn=self.options.punctuate,
-            word_timestamps=self.options.words and kind is JobKind.FINAL,
+            word_timestamps=self.options.words and kind is not JobKind.INTERIM,
         )
         job = Job(self._next_job_id, kind, request, segment_id, start, end, reason)
         self._next_job_id += 1
         self._jobs[job.job_id] = job
         self._new_jobs.append(job)
         return job
+
+    def _maybe_speculate(self) -> None:
+        """Start the final early once the pause reaches ``speculative_final_ms``; give it up as soon as
+        speech resumes or the segment changes under it."""
+        seg = self._segmenter
+        spec = self._speculation
+        if spec is not None and (
+            not seg.in_segment
+            or spec.segment_id != seg.segment_id
+            or seg.segment_speech_end_sample != self._speculation_speech_end
+        ):
+            self._abandon_speculation()
+        if (
+            self._speculate_frames
+            and self._speculation is None
+            and self._closing is None
+            and seg.segment_would_be_kept
+            and seg.trailing_silence_frames == self._speculate_frames
+        ):
+            start, end = seg.segment_start_sample, seg.position_sample
+            self._speculation = self._new_job(
+                JobKind.SPECULATIVE, seg.segment_id, start, end, self._ring.read(start, end)
+            )
+            self._speculation_speech_end = seg.segment_speech_end_sample
+            self._speculation_result = None
+
+    def _abandon_speculation(self) -> None:
+        spec = self._speculation
+        if spec is None:
+            return
+        self.speculations_wasted += 1
+        self._drop_speculation()
+        if self._jobs.pop(spec.job_id, None) is not None:
+            self._cancelled.append(spec.job_id)
+
+    def _drop_speculation(self) -> None:
+        self._speculation = None
+        self._speculation_result = None
 
     def _interim_back_off(self, job: Job) -> None:
         """An interim was skipped or failed: double the interval, counted from the skipped one's end."""
@@ -570,8 +676,8 @@ class Session:
     def _maybe_interim(self) -> None:
         if not self.options.interim_results or self._interim_in_flight or self._closing is not None:
             return
-        if not self._segmenter.in_segment:
-            return
+        if not self._segmenter.in_segment or self._segmenter.trailing_silence_frames > 1:
+            return  # in a pause nothing new can be heard, and the final may be moments away
         now = self._ring.end_index
         start = self._segmenter.segment_start_sample
         interim = self.settings.interim

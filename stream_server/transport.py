@@ -407,6 +407,8 @@ class _Connection:
             for task in self._tasks.values():
                 task.cancel()
             self.server.metrics.sessions_total.labels(self._outcome).inc()
+            self.server.metrics.speculations.labels("used").inc(self.session.speculations_used)
+            self.server.metrics.speculations.labels("wasted").inc(self.session.speculations_wasted)
             self.finished.set()
             logger.info(
                 "stream %s closed (%s): %.1f s of audio, %d segment(s)",
@@ -442,6 +444,13 @@ class _Connection:
 
     def after_input(self) -> None:
         """Hand new jobs to the batcher and wake the writer (call after every ``receive_*``)."""
+        now = time.monotonic()
+        for segment_id in self.session.segments_closed():
+            self._final_started[segment_id] = now
+        for job_id in self.session.jobs_to_cancel():
+            task = self._tasks.pop(job_id, None)
+            if task is not None:
+                task.cancel()  # a speculation that speech overtook: if still queued, it never runs
         for job in self.session.jobs_to_run():
             self._dispatch(job)
         if self.session.pending_finals >= self.server.config.limits.max_pending_finals:
@@ -455,12 +464,17 @@ class _Connection:
         assert batcher is not None
         loop = asyncio.get_running_loop()
         if job.kind is JobKind.FINAL:
-            self._final_started[job.segment_id] = time.monotonic()
             self._tasks[job.job_id] = loop.create_task(self._run(job, batcher.submit_final(job.request)))
             return
-        future = batcher.submit_interim(job.request)
+        if job.kind is JobKind.SPECULATIVE:
+            future = batcher.submit_speculative(job.request)
+            if future is None:
+                self.server.metrics.speculations.labels("refused").inc()
+        else:
+            future = batcher.submit_interim(job.request)
+            if future is None:
+                self.server.metrics.interims_skipped.inc()
         if future is None:
-            self.server.metrics.interims_skipped.inc()
             self.session.receive_skipped(job.job_id)
             return
         self._tasks[job.job_id] = loop.create_task(self._run(job, future))

@@ -29,7 +29,7 @@ def test_two_bursts_give_two_finals_with_session_times() -> None:
     assert abs(second["start"] - 3.7) < 0.031
     assert all(f["speech_final"] and not f["from_finalize"] for f in finals)
     transcript = first["channel"]["alternatives"][0]["transcript"]  # type: ignore[index]
-    assert transcript.startswith("final ")
+    assert transcript.split()[0] in ("final", "speculative")
     assert first["tags"] == {"language": "en", "emotion": "neutral", "audio_event": "speech"}
 
 
@@ -336,7 +336,7 @@ def test_one_interim_in_flight_and_stale_interims_dropped() -> None:
     interims = [j for j in d.held if j.kind is JobKind.INTERIM]
     assert len(interims) == 1
     d.audio(pcm16(silence(1000)))
-    finals = [j for j in d.held if j.kind is JobKind.FINAL]
+    finals = [j for j in d.held if j.kind in (JobKind.FINAL, JobKind.SPECULATIVE)]
     assert len(finals) == 1
     from .synth import describe
 
@@ -397,3 +397,101 @@ def test_memory_is_flat_over_a_long_stream() -> None:
     assert after_twenty - after_one < 64 * 1024, (after_one, after_twenty)
     assert d.session.segments_finalized == 21 * 12
     assert len(d.session._slots) == 0 and len(d.session._jobs) == 0
+
+
+NO_SPECULATION = SegmenterConfig(speculative_final_ms=0)
+
+
+def test_speculative_final_is_used_when_no_speech_follows() -> None:
+    """A pause starts the final early; when the pause then ends the segment, that result is the final."""
+    d = Driver(make_session())
+    d.audio(pcm16(TWO_SEGMENTS))
+    assert [j.kind for j in d.jobs] == [JobKind.SPECULATIVE, JobKind.SPECULATIVE]
+    finals = d.finals()
+    assert [f["channel"]["alternatives"][0]["transcript"].split()[0] for f in finals] == ["speculative"] * 2
+    # The final still spans the whole segment (post-roll included), not just the speculative audio.
+    assert abs(finals[0]["start"] + finals[0]["duration"] - 3.3) < 0.031
+    assert d.session.speculations_used == 2 and d.session.speculations_wasted == 0
+
+
+def test_speculation_gives_way_when_speech_resumes() -> None:
+    """Speech after the early start cancels the speculative job; the segment's final covers all its speech."""
+    d = Driver(make_session(), answer=None)
+    d.audio(pcm16(np.concatenate([silence(300), tone(1000), silence(300)])))
+    (first,) = d.held
+    assert first.kind is JobKind.SPECULATIVE
+    d.audio(pcm16(np.concatenate([tone(1000), silence(1000)])))
+    assert first.job_id in d.session.jobs_to_cancel(), "the stale speculation is cancelled"
+    second = d.held[1]
+    assert second.kind is JobKind.SPECULATIVE and len(second.request.audio) > len(first.request.audio)
+    from .synth import describe
+
+    d.session.receive_result(first.job_id, describe(first))  # a late answer to the cancelled job is ignored
+    d.session.receive_result(second.job_id, describe(second))
+    d.pump()
+    (final,) = d.finals()
+    assert (
+        final["channel"]["alternatives"][0]["transcript"]
+        == f"speculative {second.start_sample} {second.end_sample}"
+    )
+    assert d.session.speculations_wasted == 1 and d.session.speculations_used == 1
+
+
+def test_refused_speculation_falls_back_to_an_ordinary_final() -> None:
+    """When the batcher refuses the early start, the segment's end asks for an ordinary final."""
+    d = Driver(make_session(), answer=None)
+    d.audio(pcm16(np.concatenate([silence(300), tone(1000), silence(300)])))
+    (spec,) = d.held
+    d.session.receive_skipped(spec.job_id)
+    d.audio(pcm16(silence(500)))
+    assert [j.kind for j in d.held] == [JobKind.SPECULATIVE, JobKind.FINAL]
+    final_job = d.held[1]
+    assert final_job.end_sample > spec.end_sample
+
+
+def test_speculation_waits_when_segment_ends_before_its_answer() -> None:
+    """A segment that ends while its speculative job still runs waits for that job, asking for nothing new."""
+    d = Driver(make_session(), answer=None)
+    d.audio(pcm16(np.concatenate([silence(300), tone(1000), silence(1000)])))
+    (spec,) = d.held
+    assert d.session.pending_finals == 1 and d.finals() == []
+    from .synth import describe
+
+    d.session.receive_result(spec.job_id, describe(spec))
+    d.pump()
+    assert len(d.finals()) == 1 and d.session.pending_finals == 0
+
+
+def test_speculation_adopted_before_hand_out_comes_out_as_final() -> None:
+    """A segment that starts speculating and ends within one frame of audio hands out one FINAL job."""
+    d = Driver(make_session(), answer=None)
+    d.audio(pcm16(np.concatenate([silence(300), tone(1000), silence(1000)])), frame_bytes=10**6)
+    assert [j.kind for j in d.held] == [JobKind.FINAL]
+
+
+def test_speculation_can_be_turned_off() -> None:
+    """With speculative_final_ms=0 every segment gets an ordinary final job."""
+    d = Driver(make_session(segmenter=NO_SPECULATION))
+    d.audio(pcm16(TWO_SEGMENTS))
+    assert [j.kind for j in d.jobs] == [JobKind.FINAL, JobKind.FINAL]
+    assert d.session.speculations_used == 0
+
+
+def test_no_interims_during_a_pause() -> None:
+    """Interims are asked for only while speech arrives, not during the pause before a final."""
+    interim = InterimConfig(interval_ms=200, window_ms=2000, min_audio_ms=100)
+    d = Driver(make_session(StreamOptions(interim_results=True), interim=interim), answer=None)
+    from .synth import describe
+
+    def answer_all() -> None:
+        for job in d.held:
+            d.session.receive_result(job.job_id, describe(job))
+
+    d.audio(pcm16(np.concatenate([silence(300), tone(1000)])), frame_bytes=640)
+    speech_end = len(np.concatenate([silence(300), tone(1000)]))
+    for _ in range(22):  # a 440 ms pause, shorter than the endpointing, answered as it goes
+        answer_all()
+        d.audio(pcm16(silence(20)), frame_bytes=640)
+    interims = [j for j in d.held if j.kind is JobKind.INTERIM]
+    assert len(interims) >= 2
+    assert all(j.end_sample <= speech_end + 2 * 480 for j in interims), [j.end_sample for j in interims]

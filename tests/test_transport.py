@@ -173,6 +173,12 @@ async def test_metrics_endpoint_counts_streams() -> None:
     assert samples[("stream_final_latency_seconds_count", ())] == 2
     assert samples[("stream_sessions_total", (("outcome", "completed"),))] == 1
     assert samples[("process_resident_memory_bytes", ())] > 10_000_000
+    # Both segments ended on a pause with nothing after the early start: each speculation was used, or
+    # refused because the other segment's final was still waiting (this client sends faster than real time).
+    used = samples[("stream_speculative_finals_total", (("outcome", "used"),))]
+    refused = samples[("stream_speculative_finals_total", (("outcome", "refused"),))]
+    assert used >= 1 and used + refused == 2
+    assert samples[("stream_speculative_finals_total", (("outcome", "wasted"),))] == 0
 
 
 async def test_bad_messages_get_errors_and_other_session_is_undisturbed() -> None:

@@ -1,0 +1,91 @@
+"""The load-test scripts (load_tests/) run end to end in ``--quick`` mode and print sane figures.
+
+They are scripts that print figures, not timed tests: these smoke tests only make sure they cannot rot.
+Each starts a real server subprocess on 127.0.0.1 (faster-whisper tiny.en, or the 2-block random
+SenseVoice) and streams a few seconds of audio.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import scaled
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+LOAD_TESTS = Path(__file__).resolve().parents[1] / "load_tests"
+
+
+def run_script(name: str, *args: str, timeout_s: float = 120.0) -> str:
+    """Run ``load_tests/NAME --quick ARGS`` and return its stdout (it must exit 0)."""
+    completed = subprocess.run(
+        [sys.executable, str(LOAD_TESTS / name), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(timeout_s),
+        cwd=LOAD_TESTS.parent,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert re.search(r"load average", completed.stdout), completed.stdout
+    return completed.stdout
+
+
+def number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    return float(match.group(1))
+
+
+def test_latency_script_measures_every_segment_and_the_wer() -> None:
+    """latency.py with tiny.en: three spoken sentences give three latencies and a low WER."""
+    out = run_script("latency.py", "--model", "tiny.en")
+    assert number(r"latency over (\d+) segments", out) == 3
+    median = number(r"median ([\d.]+) s", out)
+    assert 0.05 < median < scaled(5), out
+    assert number(r"p95 ([\d.]+) s", out) >= median
+    assert number(r"WER vs the known sentences: ([\d.]+) %", out) < 40, out
+    assert "sentences 3/3 matched" in out and "errors none" in out
+
+
+def test_capacity_script_sweeps_and_reruns_half_load() -> None:
+    """capacity.py prints a row per N, the capacity line and the half-load percentiles."""
+    out = run_script("capacity.py", "--model", "tiny.en", "--dtype", "auto", "--interim", "--target-s", "5")
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.MULTILINE)
+    assert [int(r[0]) for r in rows][:2] == [1, 2], out
+    for _, segs, p50, p95, p99 in rows:
+        assert int(segs) >= 1 and 0 < float(p50) <= float(p95) <= float(p99) < scaled(5), out
+    assert number(r"largest N with p95 final latency < 5 s: (\d+)", out) == 2
+    assert "half load, N=1" in out
+    assert number(r"final latency \(s\):\s+n=(\d+)", out) >= 1
+    assert number(r"interim latency \(s\):\s+n=(\d+)", out) >= 1
+
+
+def test_soak_script_samples_rss_and_saves_the_plot(small_model_dir: Path, tmp_path: Path) -> None:
+    """soak.py streams two minutes of meeting audio at full speed and prints RSS, drift and a PNG."""
+    out = run_script("soak.py", "--model", str(small_model_dir), "--out", str(tmp_path))
+    after_1 = number(r"RSS after 1 min of audio per session: (\d+) MB", out)
+    assert 100 < after_1 < 20000, out
+    drift = number(r"drift: .*\(([+-][\d.]+) %\)", out)
+    assert -50 < drift < 50, out
+    assert "errors: none" in out
+    png = tmp_path / "soak.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tmp_path / "soak.csv").read_text().splitlines()) >= 5
+
+
+def test_contrast_script_measures_naive_and_ours(small_model_dir: Path) -> None:
+    """contrast.py decodes 8 s the naive way in a fresh process and through the server, and tabulates both."""
+    out = run_script("contrast.py", "--model", str(small_model_dir))
+    row = r"^\s+8s \|\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+) \|\s+(\d+)\s+(\d+)\s+([\d.]+)"
+    match = re.search(row, out, re.MULTILINE)
+    assert match, out
+    loaded, peak, maxrss, decode_s, ours_before, ours_peak, stream_s = map(float, match.groups())
+    assert 100 < loaded <= peak <= maxrss, out
+    assert 0 < decode_s < scaled(60) and 0 < stream_s < scaled(60), out
+    assert 100 < ours_before and ours_peak > 100, out
