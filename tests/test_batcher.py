@@ -204,3 +204,25 @@ async def test_reports_each_batch() -> None:
         await batcher.submit_final(req(4))
     await batcher.stop()
     assert [(r.size, r.audio_s, r.failed) for r in reports] == [(1, 1.5, False), (1, 4.0, True)]
+
+
+async def test_speculative_requests_wait_with_finals_but_are_refused_when_finals_wait() -> None:
+    """A speculative request is refused while finals wait, and otherwise runs in the finals' queue."""
+    engine = FakeEngine(delay_s=0.1)
+    batcher = Batcher(
+        engine, BatchConfig(max_batch_size=4, max_wait_ms=0, max_queue=64, interim_queue_fraction=1.0)
+    )
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit_final(req(0.1)))
+    await asyncio.sleep(0.02)
+    waiting = asyncio.ensure_future(batcher.submit_final(req(0.2)))
+    await asyncio.sleep(0.01)
+    assert batcher.submit_speculative(req(1)) is None, "a final is waiting"
+    await asyncio.gather(running, waiting)
+    interim = batcher.submit_interim(req(1, marker=0.5))
+    speculative = batcher.submit_speculative(req(1, marker=0.3))
+    assert interim is not None and speculative is not None
+    await asyncio.gather(interim, speculative)
+    await batcher.stop()
+    order = [float(b[0].audio[0]) for b in engine.batches[2:]]
+    assert order == [np.float32(0.3), np.float32(0.5)], "speculation goes before interims"
