@@ -138,8 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from aiohttp import web
 
     from .engines.loader import load_engine
+    from .memory import pin_malloc_thresholds
     from .transport import Server
 
+    pin_malloc_thresholds(config.server.malloc_mmap_threshold_kb * 1024)  # before anything big is allocated
     failed: list[BaseException] = []
 
     def on_fatal(exc: BaseException) -> None:

@@ -251,12 +251,17 @@ class ServerConfig:
         port: TCP port (0 picks a free one; the chosen port is logged).
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         drain_timeout_s: on shutdown, how long open streams get to receive their last finals.
+        malloc_mmap_threshold_kb: pin glibc's mmap threshold at this size so freed batches and
+            activations go back to the OS instead of fragmenting the heap: resident memory is lower
+            and flatter over hours, but saturated throughput drops (see ``memory.py``); 0 (the
+            default) leaves glibc's defaults.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     drain_timeout_s: float = 10.0
+    malloc_mmap_threshold_kb: int = 0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", "must be 0..65535")
@@ -266,6 +271,11 @@ class ServerConfig:
             "must be debug, info, warning or error",
         )
         _check(0 <= self.drain_timeout_s <= 600, "drain_timeout_s", "must be 0..600")
+        _check(
+            0 <= self.malloc_mmap_threshold_kb <= 32768,
+            "malloc_mmap_threshold_kb",
+            "must be 0..32768 (0: off)",
+        )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ weights) and every batch goes through ``SenseVoiceSmall.inference``. What this m
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import math
@@ -50,6 +49,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import ConfigError, EngineError
+from ..memory import trim
 from . import hub
 from .base import SAMPLE_RATE_HZ, EngineInfo, TranscribeRequest, Transcript, Word
 from .funasr_loading import load_automodel
@@ -665,10 +665,7 @@ def _release_freed_memory() -> None:
     No-op where ``malloc_trim`` does not exist (not glibc).
     """
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
+    trim()
 
 
 def _check_buckets(length_buckets_s: Sequence[float] | None, max_audio_s: float) -> tuple[float, ...]:
