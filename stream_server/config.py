@@ -253,15 +253,15 @@ class ServerConfig:
         drain_timeout_s: on shutdown, how long open streams get to receive their last finals.
         malloc_mmap_threshold_kb: pin glibc's mmap threshold at this size so freed batches and
             activations go back to the OS instead of fragmenting the heap: resident memory is lower
-            and flatter over hours, but saturated throughput drops (see ``memory.py``); 0 (the
-            default) leaves glibc's defaults.
+            and flat over hours, at some cost in throughput when the model is saturated (see
+            ``memory.py``); 0 leaves glibc's defaults.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     drain_timeout_s: float = 10.0
-    malloc_mmap_threshold_kb: int = 0
+    malloc_mmap_threshold_kb: int = 2048
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", "must be 0..65535")

@@ -8,13 +8,15 @@ up for hours before it levels off. Fixing the threshold (``mallopt(M_MMAP_THRESH
 off the raising) keeps every large buffer on ``mmap``: freed is returned, and resident memory follows
 what is actually in use. Nothing here is needed for correctness; on other C libraries it does nothing.
 
-The threshold is a trade, so it is off by default (``--malloc-mmap-threshold-kb``). Every mmap-served
-block costs fresh zeroed pages each time it is allocated. On the project's 2-core machine (int8
-SenseVoice, two sessions carrying 8 h of audio each at full speed, ``load_tests/soak.py``) pinning at
-2 MiB gave an RSS drift of +1.6 % between the first and last hour and a lower level (about 1.04 GB against
-1.17 GB), but took 26.0 minutes instead of about 16: at saturation the model ran about 1.6x slower. At
-256 KiB single calls were already about 1.8x slower. A server that is memory-bound rather
-than compute-bound may prefer it.
+The threshold is a trade. Every mmap-served block costs fresh zeroed pages each time it is allocated. On
+the project's 2-core machine (int8 SenseVoice, two sessions carrying 8 h of audio each at full speed,
+``load_tests/soak.py``) glibc's defaults let RSS wander between 1.03 and 1.26 GB, a drift of +9.5 %
+between the first and last hour (+4.2 % in an earlier run, +10.8 % with ``MALLOC_ARENA_MAX=2``); pinned
+at 2 MiB it stayed between 0.98 and 1.10 GB with a drift of +1.6 %, but the run took 26.0 minutes
+instead of 16.7: with the model saturated by large batches it ran about 1.6x slower. At live pace, one
+call at a time, no difference showed (int8 model calls 0.33-0.40 s either way). At 256 KiB single calls
+were already about 1.8x slower. Flat memory is this server's promise, so 2 MiB is the default; a CPU
+deployment that runs saturated may prefer ``--malloc-mmap-threshold-kb 0``.
 """
 
 from __future__ import annotations
