@@ -155,8 +155,7 @@ class Batcher:
         Returns:
             A future for the transcript, or None when refused.
         """
-        limit = max(1, int(self.config.max_queue * self.config.interim_queue_fraction))
-        if self._closed or self.queue_depth >= limit or self._finals:
+        if self._refuses_optional_work():
             return None
         item = _Item(request, asyncio.get_running_loop().create_future(), interim=False)
         self._finals.append(item)
@@ -169,13 +168,18 @@ class Batcher:
         Returns:
             A future for the transcript (it may fail with InterimSkipped later), or None when refused.
         """
-        limit = max(1, int(self.config.max_queue * self.config.interim_queue_fraction))
-        if self._closed or self.queue_depth >= limit or self._finals:
+        if self._refuses_optional_work():
             return None
         item = _Item(request, asyncio.get_running_loop().create_future(), interim=True)
         self._interims.append(item)
         asyncio.get_running_loop().create_task(self._notify())
         return item.future
+
+    def _refuses_optional_work(self) -> bool:
+        """Interims and speculative finals are refused when closed, when finals are waiting, or when
+        the queue is more than its interim share full."""
+        limit = max(1, int(self.config.max_queue * self.config.interim_queue_fraction))
+        return self._closed or self.queue_depth >= limit or bool(self._finals)
 
     async def _notify(self) -> None:
         async with self._changed:
