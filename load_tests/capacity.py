@@ -213,23 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     params: dict[str, object] = {"endpointing": args.endpointing, "punctuate": True}
     if args.interim:
         params["interim_results"] = True
-    server_args = [
-        "--model",
-        model,
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--max-wait-ms",
-        str(args.max_wait_ms),
-        "--max-sessions",
-        str(max(ns) + 4),
-        "--log-level",
-        "warning",
-        *args.server_arg,
-    ]
+    server_args = common.server_args(
+        args, model, "--max-wait-ms", str(args.max_wait_ms), "--max-sessions", str(max(ns) + 4)
+    )
     print(
         f"material: {len(materials)} loops of {len(materials[0].spans)} sentences with 0.8-3 s pauses, "
         f"{materials[0].duration_s:.0f} s each, speech {100 * materials[0].speech_ratio:.0f} %, "

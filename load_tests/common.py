@@ -93,6 +93,25 @@ SENTENCES: tuple[str, ...] = (
 )
 
 
+def server_args(args: Any, model: str, *extra: str) -> list[str]:
+    """The server's command-line flags shared by the scripts (model, dtype, threads, batch), then
+    ``extra``, then the user's ``--server-arg`` flags."""
+    return [
+        "--model",
+        model,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        *extra,
+        "--log-level",
+        "warning",
+        *args.server_arg,
+    ]
+
+
 def loadavg() -> str:
     """The 1, 5 and 15 minute load averages, as ``/proc/loadavg`` gives them."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -76,19 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         material = common.conversation(pauses_s=(1.0, 1.5, 2.0), seed=7, count=args.sentences)
         speed = args.speed
-    server_args = [
-        "--model",
-        model,
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--log-level",
-        "warning",
-        *args.server_arg,
-    ]
+    server_args = common.server_args(args, model)
     endpointing = f"{args.endpointing} ms (client)" if args.endpointing else "500 ms (server default)"
     print(
         f"material: {len(material.spans)} sentences, {material.duration_s:.1f} s, "

@@ -238,19 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"speech {100 * m.speech_ratio:.0f} %, with monologues over 30 s; {args.sessions} session(s) x "
         f"{hours:g} h of audio at speed 0 in {args.chunk_ms} ms chunks"
     )
-    server_args = [
-        "--model",
-        model,
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--log-level",
-        "warning",
-        *args.server_arg,
-    ]
+    server_args = common.server_args(args, model)
     env = dict(item.split("=", 1) for item in args.server_env)
     server = common.ServerProcess(server_args, env=env)
     print(
