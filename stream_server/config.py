@@ -15,6 +15,7 @@ from typing import Literal
 from .errors import ConfigError
 
 Dtype = Literal["auto", "fp32", "fp16", "int8"]
+Backend = Literal["auto", "onnx", "torch"]
 VadKind = Literal["webrtc", "fsmn"]
 
 
@@ -41,9 +42,18 @@ class EngineConfig:
             SenseVoice folder, or ``tiny.en`` for the bundled faster-whisper model.
         hub: where hub ids are fetched from: ``ms`` (ModelScope) or ``hf`` (Hugging Face).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        dtype: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32``, ``fp16`` (CUDA only) or ``int8``
-            (CPU only: dynamic quantization of the Linear layers).
-        threads: CPU threads for the model (torch intra-op); 0 means every core this process may use.
+        backend: how SenseVoice runs: ``auto`` (ONNX Runtime on CPU, torch on CUDA), ``onnx`` (ONNX
+            Runtime, CPU; exported from the folder on first use and cached) or ``torch`` (funasr's model
+            in torch).
+        dtype: ``auto`` (fp16 on CUDA; int8 on CPU with ONNX Runtime, fp32 with torch), ``fp32``,
+            ``fp16`` (CUDA only) or ``int8`` (CPU only: dynamically quantized MatMul/Linear weights).
+        threads: CPU threads per engine worker (intra-op); 0 means the cores this process may use divided
+            by the workers.
+        workers: engine calls that may run at once, sharing one copy of the weights (ONNX Runtime and
+            faster-whisper; torch runs one); 0 picks the measured default for the backend.
+        onnx_cache_dir: where ONNX exports of SenseVoice folders are kept (one sub-folder per model,
+            keyed by a hash of its files); empty means ``$XDG_CACHE_HOME/stream-server/onnx`` (usually
+            ``~/.cache/stream-server/onnx``).
         warmup: run the largest batch of the longest clip at start-up so memory peaks before clients.
         hub_timeout_s: how long ``auto`` waits for a model hub before falling back.
     """
@@ -51,8 +61,11 @@ class EngineConfig:
     model: str = "auto"
     hub: Literal["ms", "hf"] = "ms"
     device: str = "auto"
+    backend: Backend = "auto"
     dtype: Dtype = "auto"
     threads: int = 0
+    workers: int = 0
+    onnx_cache_dir: str = ""
     warmup: bool = True
     hub_timeout_s: float = 5.0
 
@@ -69,12 +82,23 @@ class EngineConfig:
             "dtype",
             f"must be auto, fp32, fp16 or int8, not {self.dtype!r}",
         )
+        _check(
+            self.backend in ("auto", "onnx", "torch"),
+            "backend",
+            f"must be auto, onnx or torch, not {self.backend!r}",
+        )
         _check(0 <= self.threads <= 512, "threads", f"must be 0..512, not {self.threads}")
+        _check(0 <= self.workers <= 64, "workers", f"must be 0..64 (0: the default), not {self.workers}")
         _check(0 < self.hub_timeout_s <= 120, "hub_timeout_s", "must be in (0, 120]")
 
     @property
     def resolved_threads(self) -> int:
+        """Threads for a single engine worker (``threads``, or every core when 0)."""
         return self.threads or default_threads()
+
+    def threads_per_worker(self, workers: int) -> int:
+        """``threads``, or the cores this process may use shared out between ``workers`` (at least 1)."""
+        return self.threads or max(1, default_threads() // max(1, workers))
 
 
 @dataclass(frozen=True)

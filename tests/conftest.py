@@ -30,3 +30,13 @@ def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = os.environ.get("STREAM_SERVER_TEST_CACHE")
     base = Path(cache) if cache else tmp_path_factory.mktemp("models")
     return build_random_sensevoice(base / "sensevoice-small-random", num_blocks=2, tp_blocks=1)
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the ONNX backend caches its exports in tests (kept across runs under STREAM_SERVER_TEST_CACHE,
+    so the small model is exported once, about 30 s)."""
+    cache = os.environ.get("STREAM_SERVER_TEST_CACHE")
+    path = (Path(cache) if cache else tmp_path_factory.mktemp("onnx")) / "onnx-exports"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -15,12 +15,14 @@ import torch
 from stream_server.config import EngineConfig
 from stream_server.engines.base import SAMPLE_RATE_HZ, Engine, TranscribeRequest
 from stream_server.engines.sensevoice import (
+    SenseVoiceCore,
     SenseVoiceEngine,
     _Piece,
     default_length_buckets_s,
     group_words,
     parse_sensevoice_text,
 )
+from stream_server.engines.sensevoice_onnx import SenseVoiceOnnxEngine
 from stream_server.errors import ConfigError, EngineError
 from stream_server.testing.sensevoice_random import (
     SPECIAL_TOKEN_IDS,
@@ -37,28 +39,49 @@ def noise(seconds: float, seed: int, level: float = 0.1) -> npt.NDArray[np.float
     return (level * rng.standard_normal(int(round(seconds * SAMPLE_RATE_HZ)))).astype(np.float32)
 
 
-@pytest.fixture(scope="session")
-def engine(small_model_dir: Path) -> SenseVoiceEngine:
-    return SenseVoiceEngine.load(EngineConfig(model=str(small_model_dir), threads=2), max_audio_s=MAX_AUDIO_S)
+def load_backend(
+    backend: str, folder: Path, onnx_cache: Path, *, length_buckets_s: list[float] | None = None
+) -> SenseVoiceCore:
+    """The torch engine, or the ONNX Runtime engine on the fp32 export (same outputs: test_engine_onnx)."""
+    if backend == "torch":
+        return SenseVoiceEngine.load(
+            EngineConfig(model=str(folder), threads=2),
+            max_audio_s=MAX_AUDIO_S,
+            length_buckets_s=length_buckets_s,
+        )
+    config = EngineConfig(
+        model=str(folder), dtype="fp32", threads=2, workers=1, onnx_cache_dir=str(onnx_cache)
+    )
+    return SenseVoiceOnnxEngine.load(config, max_audio_s=MAX_AUDIO_S, length_buckets_s=length_buckets_s)
+
+
+@pytest.fixture(scope="session", params=["torch", "onnx"])
+def engine(request: pytest.FixtureRequest, small_model_dir: Path, onnx_cache: Path) -> SenseVoiceCore:
+    """Each backend in turn: everything below the network is shared, so every behaviour must hold on both."""
+    return load_backend(request.param, small_model_dir, onnx_cache)
 
 
 class CtcSpy:
-    """Records the CTC logits (and so the batch shape) of every model call."""
+    """Records the CTC logits (and so the batch shape) of every model call, whatever the backend."""
 
-    def __init__(self, engine: SenseVoiceEngine) -> None:
+    def __init__(self, engine: SenseVoiceCore) -> None:
         self.calls: list[torch.Tensor] = []
-        model: Any = engine.model
-        layer = model.ctc.ctc_lo
-        self._handle = layer.register_forward_hook(
-            lambda _m, _i, out: self.calls.append(out.detach().clone())
-        )
+        self._engine = engine
+        real = engine._forward
+
+        def recording(batch: torch.Tensor, lengths: Any, **kwargs: Any) -> torch.Tensor:
+            logits = real(batch, lengths, **kwargs)
+            self.calls.append(logits.detach().clone())
+            return logits
+
+        engine._forward = recording  # type: ignore[method-assign]
 
     def close(self) -> None:
-        self._handle.remove()
+        del self._engine._forward
 
 
 @pytest.fixture
-def spy(engine: SenseVoiceEngine) -> Iterator[CtcSpy]:
+def spy(engine: SenseVoiceCore) -> Iterator[CtcSpy]:
     recorder = CtcSpy(engine)
     yield recorder
     recorder.close()
@@ -192,9 +215,7 @@ def test_build_is_idempotent(small_model_dir: Path) -> None:
 
 
 @pytest.mark.model
-def test_engine_satisfies_protocol_and_reports_itself(
-    engine: SenseVoiceEngine, small_model_dir: Path
-) -> None:
+def test_engine_satisfies_protocol_and_reports_itself(engine: SenseVoiceCore, small_model_dir: Path) -> None:
     """The engine is an Engine and its info names the model, device, dtype, languages and buckets."""
     assert isinstance(engine, Engine)
     info = engine.info
@@ -208,10 +229,11 @@ def test_engine_satisfies_protocol_and_reports_itself(
     assert info.max_audio_s == MAX_AUDIO_S
     assert info.extras["threads"] == "2"
     assert info.extras["length_buckets_s"] == "1,1.5,2,3,4,6,8,10"
+    assert info.extras["backend"] == engine.backend in ("torch", "onnxruntime")
 
 
 @pytest.mark.model
-def test_transcribe_returns_one_transcript_per_request_in_order(engine: SenseVoiceEngine) -> None:
+def test_transcribe_returns_one_transcript_per_request_in_order(engine: SenseVoiceCore) -> None:
     """A batch gives one transcript per request, in request order, each as if transcribed alone."""
     clips = [noise(d, seed) for seed, d in enumerate([1.0, 3.3, 0.6, 4.2])]
     batch = engine.transcribe([TranscribeRequest(c) for c in clips])
@@ -225,7 +247,7 @@ def test_transcribe_returns_one_transcript_per_request_in_order(engine: SenseVoi
 
 
 @pytest.mark.model
-def test_mixed_batch_keys_are_split_into_one_model_call_each(engine: SenseVoiceEngine, spy: CtcSpy) -> None:
+def test_mixed_batch_keys_are_split_into_one_model_call_each(engine: SenseVoiceCore, spy: CtcSpy) -> None:
     """Requests with different (language, use_itn) run as one model call per key, results in order."""
     requests = [
         TranscribeRequest(noise(1.0, 10), language="auto"),
@@ -242,14 +264,11 @@ def test_mixed_batch_keys_are_split_into_one_model_call_each(engine: SenseVoiceE
 
 @pytest.mark.model
 def test_padding_to_a_bucket_does_not_change_the_output(
-    small_model_dir: Path, engine: SenseVoiceEngine
+    small_model_dir: Path, onnx_cache: Path, engine: SenseVoiceCore
 ) -> None:
     """A clip padded to a 10 s bucket gives the same text, words and CTC posteriors as unpadded."""
-    exact = SenseVoiceEngine.load(
-        EngineConfig(model=str(small_model_dir), threads=2),
-        max_audio_s=MAX_AUDIO_S,
-        length_buckets_s=[2.2, 10.0],
-    )
+    backend = "torch" if engine.backend == "torch" else "onnx"
+    exact = load_backend(backend, small_model_dir, onnx_cache, length_buckets_s=[2.2, 10.0])
     clip = noise(2.2, 42)
     unpadded_spy, padded_spy = CtcSpy(exact), CtcSpy(engine)
     try:
@@ -279,7 +298,7 @@ def test_padding_to_a_bucket_does_not_change_the_output(
 
 
 @pytest.mark.model
-def test_words_lie_inside_the_clip_and_can_be_turned_off(engine: SenseVoiceEngine) -> None:
+def test_words_lie_inside_the_clip_and_can_be_turned_off(engine: SenseVoiceCore) -> None:
     """Word times are ordered and inside the clip; word_timestamps=False gives no words."""
     clip = noise(4.0, 7)
     with_words, without = engine.transcribe(
@@ -296,7 +315,7 @@ def test_words_lie_inside_the_clip_and_can_be_turned_off(engine: SenseVoiceEngin
 
 @pytest.mark.model
 def test_alignment_failure_costs_only_that_clips_words(
-    engine: SenseVoiceEngine, monkeypatch: pytest.MonkeyPatch
+    engine: SenseVoiceCore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When forced alignment raises for one clip, that clip gets no words and the batch still succeeds."""
     import funasr.models.sense_voice.utils.ctc_alignment as alignment
@@ -318,14 +337,14 @@ def test_alignment_failure_costs_only_that_clips_words(
 
 
 @pytest.mark.model
-def test_too_long_clip_is_an_error(engine: SenseVoiceEngine) -> None:
+def test_too_long_clip_is_an_error(engine: SenseVoiceCore) -> None:
     """A clip longer than max_audio_s fails the batch with an EngineError naming max_audio_s."""
     with pytest.raises(EngineError, match="max_audio_s"):
         engine.transcribe([TranscribeRequest(noise(1.0, 0)), TranscribeRequest(noise(MAX_AUDIO_S + 0.5, 1))])
 
 
 @pytest.mark.model
-def test_empty_and_tiny_clips_do_not_fail(engine: SenseVoiceEngine) -> None:
+def test_empty_and_tiny_clips_do_not_fail(engine: SenseVoiceCore) -> None:
     """An empty clip gives an empty transcript and a 10 ms clip still runs, in the same batch."""
     empty, tiny, normal = engine.transcribe(
         [
@@ -390,17 +409,24 @@ def test_warmup_records_the_batch_it_was_warmed_for(small_model_dir: Path) -> No
 
 
 @pytest.mark.model
-def test_loader_loads_and_warms_a_sensevoice_folder(small_model_dir: Path) -> None:
-    """load_engine with a folder loads SenseVoice, warms it for the batch size given, and never falls back."""
+@pytest.mark.parametrize(
+    ("backend", "expected"), [("auto", SenseVoiceOnnxEngine), ("torch", SenseVoiceEngine)]
+)
+def test_loader_loads_and_warms_a_sensevoice_folder(
+    small_model_dir: Path, onnx_cache: Path, backend: Literal["auto", "torch"], expected: type
+) -> None:
+    """load_engine with a folder loads SenseVoice (ONNX Runtime by default on CPU, torch when asked), warms
+    it for the batch size given, and never falls back."""
     from stream_server.engines.loader import load_engine
 
     def no_probe(hub_name: str, timeout_s: float) -> str | None:
         raise AssertionError("a folder must not probe any hub")
 
-    engine = load_engine(
-        EngineConfig(model=str(small_model_dir), threads=2), max_audio_s=5.0, max_batch_size=2, probe=no_probe
+    config = EngineConfig(
+        model=str(small_model_dir), threads=2, backend=backend, onnx_cache_dir=str(onnx_cache)
     )
-    assert isinstance(engine, SenseVoiceEngine)
+    engine = load_engine(config, max_audio_s=5.0, max_batch_size=2, probe=no_probe)
+    assert type(engine) is expected
     assert (engine.info.max_batch_size, engine.info.max_audio_s, engine.info.fallback_reason) == (
         2,
         5.0,

@@ -103,6 +103,8 @@ class EngineInfo:
         fallback_reason: None for the engine that was asked for; otherwise why the fallback runs.
         max_batch_size: the largest batch it was warmed up for.
         max_audio_s: the longest clip it was warmed up for.
+        max_concurrent_calls: how many :meth:`Engine.transcribe` calls may run at once, each from its
+            own thread (1: one at a time, the batcher's single worker thread).
         extras: anything else worth reporting (threads, buckets, versions).
     """
 
@@ -114,6 +116,7 @@ class EngineInfo:
     fallback_reason: str | None = None
     max_batch_size: int = 1
     max_audio_s: float = 30.0
+    max_concurrent_calls: int = 1
     extras: dict[str, str] = field(default_factory=dict)
 
 

@@ -219,8 +219,365 @@ def _clamp01(value: float) -> float:
     return 0.0 if not math.isfinite(value) else min(max(value, 0.0), 1.0)
 
 
-class SenseVoiceEngine:
-    """SenseVoice Small loaded through funasr. Use :meth:`load`; ``transcribe`` from one thread at a time."""
+class SenseVoiceCore:
+    """What every SenseVoice backend shares: features, length buckets, greedy CTC decoding, tags,
+    confidences and word times. A backend only supplies :meth:`_forward` (padded LFR features in, CTC
+    logits out) and how it loads.
+
+    ``transcribe`` may run in several threads at once when the backend allows it
+    (:attr:`max_concurrent_calls`): nothing here keeps per-call state on the object.
+    """
+
+    backend = ""
+    """``"torch"`` or ``"onnxruntime"``: the runtime behind :meth:`_forward`."""
+
+    def __init__(
+        self,
+        *,
+        frontend: Any,
+        sentencepiece: Any,
+        model_name: str,
+        device: torch.device,
+        dtype: Dtype,
+        threads: int,
+        max_audio_s: float,
+        length_buckets_s: Sequence[float],
+        max_concurrent_calls: int = 1,
+        blank_id: int = 0,
+    ) -> None:
+        """Shared state of a loaded SenseVoice model.
+
+        Args:
+            frontend: funasr's ``WavFrontend`` (fbank, LFR, CMVN) built from the model's config.
+            sentencepiece: the model's ``sentencepiece.SentencePieceProcessor``.
+            model_name: the hub id or folder it came from, for ``info``.
+            device: where the model runs.
+            dtype: ``fp32``, ``fp16`` (CUDA) or ``int8``.
+            threads: CPU threads per model call.
+            max_audio_s: the longest clip accepted.
+            length_buckets_s: ascending bucket lengths; the last is at least ``max_audio_s``.
+            max_concurrent_calls: how many ``transcribe`` calls may run at once in different threads.
+            blank_id: the CTC blank token.
+        """
+        self._frontend = frontend
+        self._sp = sentencepiece
+        self._model_name = model_name
+        self._device = device
+        self._dtype: Dtype = dtype
+        self._threads = threads
+        self._max_audio_s = max_audio_s
+        self._buckets_s = tuple(length_buckets_s)
+        self._max_batch_size = 1
+        self._max_concurrent_calls = max(1, max_concurrent_calls)
+        self._blank_id = blank_id
+        self._frame_s: float = frontend.frame_shift * frontend.lfr_n / 1000.0
+        self._skip_ids = frozenset(
+            i
+            for i in range(int(sentencepiece.get_piece_size()))
+            if sentencepiece.is_control(i)
+            or sentencepiece.is_unknown(i)
+            or _TAG_RE.fullmatch(str(sentencepiece.id_to_piece(i)))
+        )
+
+    # -- Engine protocol ----------------------------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        """What this engine is, for ``/health``, logs and the session metadata."""
+        return EngineInfo(
+            name=ENGINE_NAME,
+            model=self._model_name,
+            device=str(self._device),
+            dtype=self._dtype,
+            languages=SENSEVOICE_LANGUAGES,
+            fallback_reason=None,
+            max_batch_size=self._max_batch_size,
+            max_audio_s=self._max_audio_s,
+            max_concurrent_calls=self._max_concurrent_calls,
+            extras={
+                "backend": self.backend,
+                "threads": str(self._threads),
+                "length_buckets_s": ",".join(f"{b:g}" for b in self._buckets_s),
+                **self._backend_extras(),
+            },
+        )
+
+    @property
+    def length_buckets_s(self) -> tuple[float, ...]:
+        """The lengths batches are padded to, ascending."""
+        return self._buckets_s
+
+    def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
+        """Transcribe a batch: one model call per (language, use_itn) group, padded to a length bucket.
+
+        Args:
+            requests: the clips; they may mix batch keys (each key gets its own model call).
+
+        Returns:
+            One transcript per request, in order.
+
+        Raises:
+            EngineError: a clip is longer than ``max_audio_s`` or is not mono audio.
+        """
+        self._prepare_thread()
+        audios = [self._check_audio(i, r) for i, r in enumerate(requests)]
+        results: list[Transcript | None] = [None] * len(requests)
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(request.batch_key, []).append(index)
+        for (language, use_itn), indices in groups.items():
+            transcripts = self._run_batch(
+                [audios[i] for i in indices],
+                language=language,
+                use_itn=use_itn,
+                word_timestamps=[requests[i].word_timestamps for i in indices],
+            )
+            for index, transcript in zip(indices, transcripts, strict=True):
+                results[index] = transcript
+        missing = [i for i, t in enumerate(results) if t is None]
+        if missing:  # pragma: no cover - every index belongs to exactly one group
+            raise EngineError(f"no transcript for request(s) {missing}")
+        return cast(list[Transcript], results)
+
+    def warmup(self, max_batch_size: int, max_audio_s: float) -> None:
+        """Run one batch of ``max_batch_size`` clips of the largest bucket in use, with word times.
+
+        Memory (GPU reserved memory, CPU RSS) reaches its ceiling here, before any client connects.
+
+        Args:
+            max_batch_size: the largest batch the batcher will send.
+            max_audio_s: the longest clip the session core will send (at most the engine's).
+
+        Raises:
+            ConfigError: ``max_audio_s`` above the engine's, or ``max_batch_size`` below 1.
+        """
+        if max_batch_size < 1:
+            raise ConfigError(f"max_batch_size: must be at least 1, not {max_batch_size}")
+        if max_audio_s > self._max_audio_s:
+            raise ConfigError(f"max_audio_s: {max_audio_s} s is above the engine's {self._max_audio_s} s")
+        bucket_s = self._bucket_for(max_audio_s)
+        samples = min(int(round(bucket_s * SAMPLE_RATE_HZ)), int(self._max_audio_s * SAMPLE_RATE_HZ))
+        rng = np.random.default_rng(0)
+        audio = (0.05 * rng.standard_normal(samples)).astype(np.float32)
+        self._run_batch(
+            [audio] * max_batch_size, language="auto", use_itn=True, word_timestamps=[True] * max_batch_size
+        )
+        self._max_batch_size = max(self._max_batch_size, max_batch_size)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            logger.info(
+                "warm-up %d x %.1f s: %.0f MiB reserved on %s",
+                max_batch_size,
+                bucket_s,
+                torch.cuda.memory_reserved(self._device) / 2**20,
+                self._device,
+            )
+        else:
+            logger.info("warm-up %d x %.1f s done", max_batch_size, bucket_s)
+
+    # -- Internals ----------------------------------------------------------------------------------
+
+    # -- Internals ----------------------------------------------------------------------------------
+
+    def _check_audio(self, index: int, request: TranscribeRequest) -> npt.NDArray[np.float32]:
+        audio = np.asarray(request.audio, dtype=np.float32)
+        if audio.ndim != 1:
+            raise EngineError(f"request {index}: audio must be mono (one dimension), not shape {audio.shape}")
+        if len(audio) > round(self._max_audio_s * SAMPLE_RATE_HZ):
+            raise EngineError(
+                f"request {index}: clip is {len(audio) / SAMPLE_RATE_HZ:.2f} s, longer than max_audio_s "
+                f"({self._max_audio_s:g} s); the session core must cut segments shorter"
+            )
+        return audio
+
+    def _bucket_for(self, duration_s: float) -> float:
+        for bucket in self._buckets_s:
+            if bucket >= duration_s - 1e-9:
+                return bucket
+        return self._buckets_s[-1]
+
+    def _frames_for(self, num_samples: int) -> int:
+        """Encoder frames funasr's frontend makes of ``num_samples`` (Kaldi fbank, then LFR)."""
+        frontend = self._frontend
+        window = int(frontend.frame_length * frontend.fs / 1000)
+        shift = int(frontend.frame_shift * frontend.fs / 1000)
+        fbank_frames = 1 + (num_samples - window) // shift if num_samples >= window else 1
+        return int(math.ceil(fbank_frames / frontend.lfr_n))
+
+    def _features(self, audio: npt.NDArray[np.float32]) -> torch.Tensor:
+        """LFR + CMVN features of one clip, ``(frames, 560)``, by funasr's frontend.
+
+        A clip shorter than one 25 ms analysis window is zero-padded to one window: funasr shrinks the
+        window to the clip, and below about 20 ms the FFT is too short for 80 mel bins and fbank raises.
+        """
+        window = int(self._frontend.frame_length * self._frontend.fs / 1000)
+        if len(audio) < window:
+            audio = np.concatenate([audio, np.zeros(window - len(audio), dtype=np.float32)])
+        waveform = torch.from_numpy(audio)[None, :]
+        feats, _ = self._frontend(waveform, [waveform.shape[1]])
+        return cast(torch.Tensor, feats[0])
+
+    # -- What a backend supplies -------------------------------------------------------------------
+
+    def _forward(
+        self, batch: torch.Tensor, lengths: Sequence[int], *, language: str, use_itn: bool
+    ) -> torch.Tensor:
+        """Run the model on padded LFR features.
+
+        Args:
+            batch: ``(B, frames, 560)`` features, zero-padded past each clip's length, on the device.
+            lengths: each clip's true frame count.
+            language: ``auto`` or a SenseVoice language code, for the language query.
+            use_itn: the text-norm query (``withitn`` or ``woitn``).
+
+        Returns:
+            ``(B, frames + 4, vocab)`` CTC logits (before softmax); the first four frames answer the
+            queries (language, emotion, event, text norm).
+        """
+        raise NotImplementedError
+
+    def _backend_extras(self) -> dict[str, str]:
+        """Backend details for ``info.extras``."""
+        return {}
+
+    def _prepare_thread(self) -> None:
+        """Called at the start of every ``transcribe``, in the thread that runs it."""
+
+    def _greedy_text(self, best_ids: torch.Tensor) -> str:
+        """funasr's greedy CTC decoding: collapse repeats, drop blanks, detokenize (tags included).
+
+        Args:
+            best_ids: the best token of each frame, query frames included, up to the clip's length.
+        """
+        ids = torch.unique_consecutive(best_ids)
+        return str(self._sp.DecodeIds([int(i) for i in ids.tolist() if i != self._blank_id]))
+
+    def _run_batch(
+        self,
+        audios: Sequence[npt.NDArray[np.float32]],
+        *,
+        language: str,
+        use_itn: bool,
+        word_timestamps: Sequence[bool],
+    ) -> list[Transcript]:
+        """One model call for clips sharing (language, use_itn), padded to a bucket's frame count."""
+        empty = [i for i, a in enumerate(audios) if len(a) == 0]
+        run = [i for i, a in enumerate(audios) if len(a) > 0]
+        out: list[Transcript] = [Transcript(text="", confidence=0.0) for _ in audios]
+        if not run:
+            return out
+        if empty:
+            logger.debug("%d empty clip(s) answered without running the model", len(empty))
+
+        with torch.inference_mode():
+            feats = [self._features(audios[i]) for i in run]
+            lengths = [int(f.shape[0]) for f in feats]
+            longest_s = max(len(audios[i]) for i in run) / SAMPLE_RATE_HZ
+            bucket_frames = self._frames_for(int(round(self._bucket_for(longest_s) * SAMPLE_RATE_HZ)))
+            frames = max(bucket_frames, *lengths)
+            model_dtype = torch.float16 if self._dtype == "fp16" else torch.float32
+            batch = torch.zeros((len(run), frames, feats[0].shape[1]), dtype=model_dtype)
+            for row, f in enumerate(feats):
+                batch[row, : f.shape[0]] = f
+            batch = batch.to(self._device)
+            logits = self._forward(batch, lengths, language=language, use_itn=use_itn).float()
+            # Per frame: log of the softmax denominator, best token and its log-posterior.
+            log_norm = torch.logsumexp(logits, dim=-1)
+            best_logit, best_id = logits.max(dim=-1)
+            best_logp = (best_logit - log_norm).cpu()
+            best_id = best_id.cpu()
+
+            for row, index in enumerate(run):
+                n = lengths[row] + QUERY_FRAMES
+                parsed = parse_sensevoice_text(self._greedy_text(best_id[row, :n]))
+                speech_ids = best_id[row, QUERY_FRAMES:n]
+                speech_logp = best_logp[row, QUERY_FRAMES:n]
+                emitted = speech_ids != self._blank_id
+                confidence = (
+                    float(speech_logp[emitted].exp().mean()) if parsed.text and bool(emitted.any()) else 0.0
+                )
+                words: tuple[Word, ...] = ()
+                if word_timestamps[index] and parsed.text:
+                    try:
+                        words = self._align_words(
+                            logits[row, QUERY_FRAMES:n], log_norm[row, QUERY_FRAMES:n], speech_ids
+                        )
+                    except Exception:  # noqa: BLE001 (one clip's alignment must not fail the batch)
+                        logger.debug(
+                            "word alignment failed for clip %d; returning it without words",
+                            index,
+                            exc_info=True,
+                        )
+                told = language if language != "auto" else None
+                detected = parsed.language if parsed.language in SENSEVOICE_LANGUAGES else None
+                out[index] = Transcript(
+                    text=parsed.text,
+                    confidence=_clamp01(confidence),
+                    words=words,
+                    language=detected or told,
+                    emotion=parsed.emotion,
+                    audio_event=parsed.audio_event,
+                )
+            del logits, log_norm
+        return out
+
+    def _align_words(
+        self, logits: torch.Tensor, log_norm: torch.Tensor, best_ids: torch.Tensor
+    ) -> tuple[Word, ...]:
+        """funasr's timestamp algorithm on one clip's speech frames (see the module docstring).
+
+        Args:
+            logits: ``(frames, vocab)`` CTC logits of the speech frames.
+            log_norm: ``(frames,)`` their log-softmax denominators.
+            best_ids: ``(frames,)`` the best token of each frame (CPU).
+
+        Returns:
+            The clip's words.
+        """
+        from funasr.models.sense_voice.utils.ctc_alignment import ctc_forced_align
+
+        collapsed = torch.unique_consecutive(best_ids).tolist()
+        targets = [t for t in collapsed if t != self._blank_id and t not in self._skip_ids]
+        if not targets:
+            return ()
+        total_frames = int(best_ids.shape[0])
+        # Only blank's and the targets' columns matter to the alignment: gather them (a few KB, not the
+        # whole vocabulary), blank as class 0 and target k as class k + 1.
+        columns = torch.tensor([self._blank_id, *targets], device=logits.device)
+        emission = (logits.index_select(-1, columns) - log_norm[:, None]).cpu()
+        emission[best_ids == self._blank_id, 0] = 0.0  # funasr: blank costs nothing where blank wins
+        align = ctc_forced_align(
+            emission[None],
+            torch.arange(1, len(targets) + 1)[None],
+            torch.tensor([total_frames]),
+            torch.tensor([len(targets)]),
+            blank=0,
+            ignore_id=-1,
+        )[0].tolist()
+
+        pieces: list[_Piece] = []
+        frame = 0
+        while frame < total_frames:
+            cls = align[frame]
+            run_end = frame
+            while run_end < total_frames and align[run_end] == cls:
+                run_end += 1
+            if cls != 0:
+                # A repeated token is separated by blank in the alignment; each run is one token.
+                posterior = float(emission[frame:run_end, cls].exp().sum())
+                piece = str(self._sp.id_to_piece(targets[cls - 1]))
+                pieces.append(_Piece(piece, frame, run_end, posterior, run_end - frame))
+            frame = run_end
+        return group_words(pieces, frame_s=self._frame_s, total_frames=total_frames)
+
+
+class SenseVoiceEngine(SenseVoiceCore):
+    """SenseVoice Small loaded through funasr and run by torch (CPU fp32/int8, CUDA fp16).
+
+    Use :meth:`load`; one ``transcribe`` at a time (the CTC hook keeps state on the object).
+    """
+
+    backend = "torch"
 
     def __init__(
         self,
@@ -246,25 +603,20 @@ class SenseVoiceEngine:
         """
         self._auto_model = auto_model
         self._model: Any = auto_model.model
-        self._frontend: Any = auto_model.kwargs["frontend"]
         self._tokenizer: Any = auto_model.kwargs["tokenizer"]
-        self._model_name = model_name
-        self._device = device
-        self._dtype: Dtype = dtype
-        self._threads = threads
-        self._max_audio_s = max_audio_s
-        self._buckets_s = tuple(length_buckets_s)
-        self._max_batch_size = 1
-        self._blank_id: int = int(self._model.blank_id)
-        self._frame_s: float = self._frontend.frame_shift * self._frontend.lfr_n / 1000.0
+        super().__init__(
+            frontend=auto_model.kwargs["frontend"],
+            sentencepiece=self._tokenizer.sp,
+            model_name=model_name,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+            max_audio_s=max_audio_s,
+            length_buckets_s=length_buckets_s,
+            blank_id=int(self._model.blank_id),
+        )
         self._captured: list[torch.Tensor] | None = None
         self._model.ctc.ctc_lo.register_forward_hook(self._capture_ctc_logits)
-        sp = self._tokenizer.sp
-        self._skip_ids = frozenset(
-            i
-            for i in range(int(sp.get_piece_size()))
-            if sp.is_control(i) or sp.is_unknown(i) or _TAG_RE.fullmatch(str(sp.id_to_piece(i)))
-        )
 
     # -- Loading ------------------------------------------------------------------------------------
 
@@ -360,146 +712,43 @@ class SenseVoiceEngine:
         return engine
 
     # -- Engine protocol ----------------------------------------------------------------------------
-
-    @property
-    def info(self) -> EngineInfo:
-        """What this engine is, for ``/health``, logs and the session metadata."""
-        return EngineInfo(
-            name=ENGINE_NAME,
-            model=self._model_name,
-            device=str(self._device),
-            dtype=self._dtype,
-            languages=SENSEVOICE_LANGUAGES,
-            fallback_reason=None,
-            max_batch_size=self._max_batch_size,
-            max_audio_s=self._max_audio_s,
-            extras={
-                "threads": str(self._threads),
-                "length_buckets_s": ",".join(f"{b:g}" for b in self._buckets_s),
-                "torch": torch.__version__,
-            },
-        )
-
     @property
     def model(self) -> torch.nn.Module:
         """The funasr ``SenseVoiceSmall`` module itself (quantized for int8), for inspection and tests."""
         return cast(torch.nn.Module, self._model)
 
-    @property
-    def length_buckets_s(self) -> tuple[float, ...]:
-        """The lengths batches are padded to, ascending."""
-        return self._buckets_s
+    def _backend_extras(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
 
-    def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
-        """Transcribe a batch: one model call per (language, use_itn) group, padded to a length bucket.
-
-        Args:
-            requests: the clips; they may mix batch keys (each key gets its own model call).
-
-        Returns:
-            One transcript per request, in order.
-
-        Raises:
-            EngineError: a clip is longer than ``max_audio_s`` or is not mono audio.
-        """
+    def _prepare_thread(self) -> None:
         # torch's thread count is per OS thread once that thread has used torch: set it in the thread
         # that runs the model (the batcher's worker), whatever another thread set since loading.
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)
-        audios = [self._check_audio(i, r) for i, r in enumerate(requests)]
-        results: list[Transcript | None] = [None] * len(requests)
-        groups: dict[tuple[str, bool], list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault(request.batch_key, []).append(index)
-        for (language, use_itn), indices in groups.items():
-            transcripts = self._run_batch(
-                [audios[i] for i in indices],
+
+    def _forward(
+        self, batch: torch.Tensor, lengths: Sequence[int], *, language: str, use_itn: bool
+    ) -> torch.Tensor:
+        """funasr's own ``SenseVoiceSmall.inference`` on the features; the logits come from a hook on
+        the CTC output layer (inference itself returns only texts)."""
+        # inference() adds the query frames to the lengths in place: hand it its own tensor.
+        speech_lengths = torch.tensor(list(lengths), dtype=torch.int32)
+        with self._capturing() as captured, self._autocast():
+            self._model.inference(
+                data_in=batch,
+                data_lengths=speech_lengths,
+                key=[f"clip{i}" for i in range(len(lengths))],
+                tokenizer=self._tokenizer,
+                frontend=self._frontend,
+                data_type="fbank",
+                device=str(self._device),
                 language=language,
                 use_itn=use_itn,
-                word_timestamps=[requests[i].word_timestamps for i in indices],
+                output_timestamp=False,
             )
-            for index, transcript in zip(indices, transcripts, strict=True):
-                results[index] = transcript
-        missing = [i for i, t in enumerate(results) if t is None]
-        if missing:  # pragma: no cover - every index belongs to exactly one group
-            raise EngineError(f"no transcript for request(s) {missing}")
-        return cast(list[Transcript], results)
-
-    def warmup(self, max_batch_size: int, max_audio_s: float) -> None:
-        """Run one batch of ``max_batch_size`` clips of the largest bucket in use, with word times.
-
-        Memory (GPU reserved memory, CPU RSS) reaches its ceiling here, before any client connects.
-
-        Args:
-            max_batch_size: the largest batch the batcher will send.
-            max_audio_s: the longest clip the session core will send (at most the engine's).
-
-        Raises:
-            ConfigError: ``max_audio_s`` above the engine's, or ``max_batch_size`` below 1.
-        """
-        if max_batch_size < 1:
-            raise ConfigError(f"max_batch_size: must be at least 1, not {max_batch_size}")
-        if max_audio_s > self._max_audio_s:
-            raise ConfigError(f"max_audio_s: {max_audio_s} s is above the engine's {self._max_audio_s} s")
-        bucket_s = self._bucket_for(max_audio_s)
-        samples = min(int(round(bucket_s * SAMPLE_RATE_HZ)), int(self._max_audio_s * SAMPLE_RATE_HZ))
-        rng = np.random.default_rng(0)
-        audio = (0.05 * rng.standard_normal(samples)).astype(np.float32)
-        self._run_batch(
-            [audio] * max_batch_size, language="auto", use_itn=True, word_timestamps=[True] * max_batch_size
-        )
-        self._max_batch_size = max(self._max_batch_size, max_batch_size)
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-            logger.info(
-                "warm-up %d x %.1f s: %.0f MiB reserved on %s",
-                max_batch_size,
-                bucket_s,
-                torch.cuda.memory_reserved(self._device) / 2**20,
-                self._device,
-            )
-        else:
-            logger.info("warm-up %d x %.1f s done", max_batch_size, bucket_s)
-
-    # -- Internals ----------------------------------------------------------------------------------
-
-    def _check_audio(self, index: int, request: TranscribeRequest) -> npt.NDArray[np.float32]:
-        audio = np.asarray(request.audio, dtype=np.float32)
-        if audio.ndim != 1:
-            raise EngineError(f"request {index}: audio must be mono (one dimension), not shape {audio.shape}")
-        if len(audio) > round(self._max_audio_s * SAMPLE_RATE_HZ):
-            raise EngineError(
-                f"request {index}: clip is {len(audio) / SAMPLE_RATE_HZ:.2f} s, longer than max_audio_s "
-                f"({self._max_audio_s:g} s); the session core must cut segments shorter"
-            )
-        return audio
-
-    def _bucket_for(self, duration_s: float) -> float:
-        for bucket in self._buckets_s:
-            if bucket >= duration_s - 1e-9:
-                return bucket
-        return self._buckets_s[-1]
-
-    def _frames_for(self, num_samples: int) -> int:
-        """Encoder frames funasr's frontend makes of ``num_samples`` (Kaldi fbank, then LFR)."""
-        frontend = self._frontend
-        window = int(frontend.frame_length * frontend.fs / 1000)
-        shift = int(frontend.frame_shift * frontend.fs / 1000)
-        fbank_frames = 1 + (num_samples - window) // shift if num_samples >= window else 1
-        return int(math.ceil(fbank_frames / frontend.lfr_n))
-
-    def _features(self, audio: npt.NDArray[np.float32]) -> torch.Tensor:
-        """LFR + CMVN features of one clip, ``(frames, 560)``, by funasr's frontend.
-
-        A clip shorter than one 25 ms analysis window is zero-padded to one window: funasr shrinks the
-        window to the clip, and below about 20 ms the FFT is too short for 80 mel bins and fbank raises.
-        """
-        window = int(self._frontend.frame_length * self._frontend.fs / 1000)
-        if len(audio) < window:
-            audio = np.concatenate([audio, np.zeros(window - len(audio), dtype=np.float32)])
-        waveform = torch.from_numpy(audio)[None, :]
-        feats, _ = self._frontend(waveform, [waveform.shape[1]])
-        return cast(torch.Tensor, feats[0])
+        if not captured:
+            raise EngineError("SenseVoice ran but its CTC layer was not observed: funasr's model changed?")
+        return captured[0]
 
     def _capture_ctc_logits(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
         if self._captured is not None and not self._captured:
@@ -517,144 +766,6 @@ class SenseVoiceEngine:
         if self._dtype == "fp16":
             return torch.autocast(device_type=self._device.type, dtype=torch.float16)
         return contextlib.nullcontext()
-
-    def _run_batch(
-        self,
-        audios: Sequence[npt.NDArray[np.float32]],
-        *,
-        language: str,
-        use_itn: bool,
-        word_timestamps: Sequence[bool],
-    ) -> list[Transcript]:
-        """One model call for clips sharing (language, use_itn), padded to a bucket's frame count."""
-        empty = [i for i, a in enumerate(audios) if len(a) == 0]
-        run = [i for i, a in enumerate(audios) if len(a) > 0]
-        out: list[Transcript] = [Transcript(text="", confidence=0.0) for _ in audios]
-        if not run:
-            return out
-        if empty:
-            logger.debug("%d empty clip(s) answered without running the model", len(empty))
-
-        with torch.inference_mode():
-            feats = [self._features(audios[i]) for i in run]
-            lengths = [int(f.shape[0]) for f in feats]
-            longest_s = max(len(audios[i]) for i in run) / SAMPLE_RATE_HZ
-            bucket_frames = self._frames_for(int(round(self._bucket_for(longest_s) * SAMPLE_RATE_HZ)))
-            frames = max(bucket_frames, *lengths)
-            model_dtype = torch.float16 if self._dtype == "fp16" else torch.float32
-            batch = torch.zeros((len(run), frames, feats[0].shape[1]), dtype=model_dtype)
-            for row, f in enumerate(feats):
-                batch[row, : f.shape[0]] = f
-            batch = batch.to(self._device)
-            # inference() adds the query frames to the lengths in place: hand it its own tensor.
-            speech_lengths = torch.tensor(lengths, dtype=torch.int32)
-
-            with self._capturing() as captured, self._autocast():
-                results, _ = self._model.inference(
-                    data_in=batch,
-                    data_lengths=speech_lengths,
-                    key=[f"clip{i}" for i in run],
-                    tokenizer=self._tokenizer,
-                    frontend=self._frontend,
-                    data_type="fbank",
-                    device=str(self._device),
-                    language=language,
-                    use_itn=use_itn,
-                    output_timestamp=False,
-                )
-            if not captured:
-                raise EngineError(
-                    "SenseVoice ran but its CTC layer was not observed: funasr's model changed?"
-                )
-            logits = captured[0].float()  # a no-op in fp32; fp16 logits are widened once
-            # Per frame: log of the softmax denominator, best token and its log-posterior.
-            log_norm = torch.logsumexp(logits, dim=-1)
-            best_logit, best_id = logits.max(dim=-1)
-            best_logp = (best_logit - log_norm).cpu()
-            best_id = best_id.cpu()
-
-            for row, index in enumerate(run):
-                n = lengths[row] + QUERY_FRAMES
-                parsed = parse_sensevoice_text(str(results[row]["text"]))
-                speech_ids = best_id[row, QUERY_FRAMES:n]
-                speech_logp = best_logp[row, QUERY_FRAMES:n]
-                emitted = speech_ids != self._blank_id
-                confidence = (
-                    float(speech_logp[emitted].exp().mean()) if parsed.text and bool(emitted.any()) else 0.0
-                )
-                words: tuple[Word, ...] = ()
-                if word_timestamps[index] and parsed.text:
-                    try:
-                        words = self._align_words(
-                            logits[row, QUERY_FRAMES:n], log_norm[row, QUERY_FRAMES:n], speech_ids
-                        )
-                    except Exception:  # noqa: BLE001 (one clip's alignment must not fail the batch)
-                        logger.debug(
-                            "word alignment failed for clip %d; returning it without words",
-                            index,
-                            exc_info=True,
-                        )
-                told = language if language != "auto" else None
-                detected = parsed.language if parsed.language in SENSEVOICE_LANGUAGES else None
-                out[index] = Transcript(
-                    text=parsed.text,
-                    confidence=_clamp01(confidence),
-                    words=words,
-                    language=detected or told,
-                    emotion=parsed.emotion,
-                    audio_event=parsed.audio_event,
-                )
-            del captured[:], logits, log_norm
-        return out
-
-    def _align_words(
-        self, logits: torch.Tensor, log_norm: torch.Tensor, best_ids: torch.Tensor
-    ) -> tuple[Word, ...]:
-        """funasr's timestamp algorithm on one clip's speech frames (see the module docstring).
-
-        Args:
-            logits: ``(frames, vocab)`` CTC logits of the speech frames.
-            log_norm: ``(frames,)`` their log-softmax denominators.
-            best_ids: ``(frames,)`` the best token of each frame (CPU).
-
-        Returns:
-            The clip's words.
-        """
-        from funasr.models.sense_voice.utils.ctc_alignment import ctc_forced_align
-
-        collapsed = torch.unique_consecutive(best_ids).tolist()
-        targets = [t for t in collapsed if t != self._blank_id and t not in self._skip_ids]
-        if not targets:
-            return ()
-        total_frames = int(best_ids.shape[0])
-        # Only blank's and the targets' columns matter to the alignment: gather them (a few KB, not the
-        # whole vocabulary), blank as class 0 and target k as class k + 1.
-        columns = torch.tensor([self._blank_id, *targets], device=logits.device)
-        emission = (logits.index_select(-1, columns) - log_norm[:, None]).cpu()
-        emission[best_ids == self._blank_id, 0] = 0.0  # funasr: blank costs nothing where blank wins
-        align = ctc_forced_align(
-            emission[None],
-            torch.arange(1, len(targets) + 1)[None],
-            torch.tensor([total_frames]),
-            torch.tensor([len(targets)]),
-            blank=0,
-            ignore_id=-1,
-        )[0].tolist()
-
-        pieces: list[_Piece] = []
-        frame = 0
-        while frame < total_frames:
-            cls = align[frame]
-            run_end = frame
-            while run_end < total_frames and align[run_end] == cls:
-                run_end += 1
-            if cls != 0:
-                # A repeated token is separated by blank in the alignment; each run is one token.
-                posterior = float(emission[frame:run_end, cls].exp().sum())
-                piece = str(self._tokenizer.sp.id_to_piece(targets[cls - 1]))
-                pieces.append(_Piece(piece, frame, run_end, posterior, run_end - frame))
-            frame = run_end
-        return group_words(pieces, frame_s=self._frame_s, total_frames=total_frames)
 
 
 def _release_freed_memory() -> None:
