@@ -1,21 +1,36 @@
-"""One batching worker shared by every session (README, "Batching").
+"""The batching workers shared by every session (README, "Batching and scheduling").
 
-Requests wait in a bounded queue with their futures. The worker takes the oldest final (or, when no
-final waits, the oldest interim), waits up to ``max_wait_ms`` for company, fills the batch up to
-``max_batch_size`` with requests of the same ``batch_key`` and the closest lengths, runs the engine in
-its one worker thread, and resolves *every* future: with a transcript, or with the batch's exception
-when the engine raises. The worker itself never dies of a batch's failure.
+Requests wait in a bounded queue with their futures. ``workers`` worker tasks (as many as the engine
+can run at once, :attr:`EngineInfo.max_concurrent_calls`; each call in its own executor thread, all on
+one copy of the weights) each take the oldest final (or, when no final waits, the oldest interim), wait
+up to ``max_wait_ms`` for company, fill a batch with requests of the same ``batch_key`` and the closest
+lengths, run the engine, and resolve *every* future: with a transcript, or with the batch's exception
+when the engine raises. A worker never dies of a batch's failure.
+
+Scheduling for tail latency (README, "Batching and scheduling"):
+
+- **finals first**, then speculative finals (they wait with the finals), then *bulk* finals (of streams
+  sent faster than real time: an uploader's backlog must not delay a live caption), then interims;
+  finals and interims never share a batch;
+- **spread, then batch**: when several workers are idle, waiting finals are shared out between them
+  (two calls at once finish sooner than one batch of two on a busy CPU); only what exceeds the idle
+  workers is batched;
+- **a worker kept free for finals**: with more than one worker, an interim never takes the last idle
+  one, so a final that arrives while the others are busy starts at once; nor does a bulk final while
+  live finals were seen in the last ``LIVE_RECENT_S``; bulk finals run one per call;
+- **shedding, in order**: an interim is refused while any final waits (or, with several workers, when
+  it would take the reserved one); a speculative final is refused when it would wait behind another
+  final. So when everyone talks at once, interims go first, then speculation; finals are never refused.
 
 Finals are never dropped: ``submit_final`` waits for room, and that wait is the back-pressure the
-transport passes on to the client's socket. Interims are optional: ``submit_interim`` refuses them
-when the queue is busy, they never share a batch with finals, and they are skipped when they have
-waited too long.
+transport applies to the stream. Interims are skipped when they have waited too long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +42,9 @@ from .engines.base import Engine, TranscribeRequest, Transcript
 from .errors import BatcherClosed, EngineError, InterimSkipped
 
 logger = logging.getLogger(__name__)
+
+LIVE_RECENT_S = 10.0
+"""Bulk work leaves a worker free for live finals when one was submitted this recently."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,8 @@ class BatchReport:
         inference_s: wall time of the engine call.
         queue_wait_s: how long the oldest request waited before the call began.
         failed: the engine raised.
+        speculative: how many of the requests were speculative finals.
+        worker: which worker ran it (0 .. workers - 1).
     """
 
     size: int
@@ -48,6 +68,8 @@ class BatchReport:
     inference_s: float
     queue_wait_s: float
     failed: bool
+    speculative: int = 0
+    worker: int = 0
 
 
 @dataclass(eq=False)
@@ -55,6 +77,8 @@ class _Item:
     request: TranscribeRequest
     future: asyncio.Future[Transcript]
     interim: bool
+    speculative: bool = False
+    bulk: bool = False
     enqueued_s: float = field(default_factory=time.monotonic)
 
 
@@ -62,9 +86,11 @@ class Batcher:
     """Batches transcription requests from all sessions onto one engine.
 
     Args:
-        engine: the loaded model; called from one worker thread only.
+        engine: the loaded model; called from ``workers`` threads at most at once.
         config: batch size, wait, queue bounds.
-        on_batch: called on the event loop after every engine call (metrics).
+        on_batch: called on the event loop after every engine call (metrics, capacity).
+        interim_max_wait_s: an interim that waited longer is skipped.
+        workers: engine calls at once; default the engine's ``max_concurrent_calls``.
     """
 
     def __init__(
@@ -74,62 +100,90 @@ class Batcher:
         *,
         on_batch: Callable[[BatchReport], None] | None = None,
         interim_max_wait_s: float = 2.0,
+        workers: int | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
+        self.workers = max(1, workers if workers is not None else engine.info.max_concurrent_calls)
         self._on_batch = on_batch
         self._interim_max_wait_s = interim_max_wait_s
         self._finals: deque[_Item] = deque()
+        self._bulk: deque[_Item] = deque()
         self._interims: deque[_Item] = deque()
+        self._last_live_s = -math.inf
         self._changed = asyncio.Condition()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="engine")
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._running: list[_Item] = []
+        self._running: dict[int, list[_Item]] = {}
 
     @property
     def busy(self) -> bool:
         """An engine call is running."""
         return bool(self._running)
 
+    @property
+    def busy_workers(self) -> int:
+        """Workers in an engine call now."""
+        return len(self._running)
+
+    @property
+    def idle_workers(self) -> int:
+        """Workers not in an engine call (some may be about to start one from the queue)."""
+        return self.workers - len(self._running)
+
     # ------------------------------------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
-        return len(self._finals) + len(self._interims)
+        return len(self._finals) + len(self._bulk) + len(self._interims)
 
     @property
     def finals_waiting(self) -> int:
+        """Live and speculative finals waiting."""
         return len(self._finals)
+
+    @property
+    def bulk_waiting(self) -> int:
+        """Finals of faster-than-real-time streams waiting."""
+        return len(self._bulk)
 
     @property
     def interims_waiting(self) -> int:
         return len(self._interims)
 
     def start(self) -> None:
-        """Start the worker task on the running loop."""
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        """Start the worker tasks on the running loop."""
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._run(i), name=f"batcher-{i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
-        """Stop taking requests, fail what is queued, finish the call in progress, stop the worker."""
+        """Stop taking requests, fail what is queued, finish the calls in progress, stop the workers."""
         self._closed = True
-        for item in [*self._finals, *self._interims, *self._running]:
+        running = [item for batch in self._running.values() for item in batch]
+        for item in [*self._finals, *self._bulk, *self._interims, *running]:
             if not item.future.done():
                 item.future.set_exception(BatcherClosed("The server is shutting down."))
         self._finals.clear()
+        self._bulk.clear()
         self._interims.clear()
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._worker
+                await task
             except asyncio.CancelledError:
                 pass
-            self._worker = None
+        self._tasks = []
         self._executor.shutdown(wait=True)
 
-    async def submit_final(self, request: TranscribeRequest) -> Transcript:
+    async def submit_final(self, request: TranscribeRequest, *, bulk: bool = False) -> Transcript:
         """Queue a final request, waiting for room when the queue is full.
+
+        Args:
+            request: the segment.
+            bulk: it belongs to a stream sent faster than real time: it runs after live finals.
 
         Returns:
             The transcript.
@@ -141,45 +195,61 @@ class Batcher:
             await self._changed.wait_for(lambda: self._closed or self.queue_depth < self.config.max_queue)
             if self._closed:
                 raise BatcherClosed("The server is shutting down.")
-            item = _Item(request, asyncio.get_running_loop().create_future(), interim=False)
-            self._finals.append(item)
+            item = _Item(request, asyncio.get_running_loop().create_future(), interim=False, bulk=bulk)
+            if bulk:
+                self._bulk.append(item)
+            else:
+                self._finals.append(item)
+                self._last_live_s = time.monotonic()
             self._changed.notify_all()
         return await item.future
 
     def submit_speculative(self, request: TranscribeRequest) -> asyncio.Future[Transcript] | None:
-        """Queue a final started early (the speaker paused) unless the model is backlogged.
+        """Queue a final started early (the speaker paused) unless it would wait behind another final.
 
-        It waits with the finals (it is likely to become one) but, like an interim, is refused when
-        finals are already waiting or the queue is busy, so speculation never delays a real final.
+        It waits with the finals (it is likely to become one) but, unlike a final, it is refused when the
+        finals already waiting fill every idle worker: so speculation never delays a real final and is
+        the second thing shed under load (after interims).
 
         Returns:
             A future for the transcript, or None when refused.
         """
-        if self._refuses_optional_work():
+        if (
+            self._closed
+            or len(self._finals) >= max(1, self.idle_workers)
+            or self.queue_depth >= self._interim_limit()
+        ):
             return None
-        item = _Item(request, asyncio.get_running_loop().create_future(), interim=False)
+        item = _Item(request, asyncio.get_running_loop().create_future(), interim=False, speculative=True)
         self._finals.append(item)
         asyncio.get_running_loop().create_task(self._notify())
         return item.future
 
     def submit_interim(self, request: TranscribeRequest) -> asyncio.Future[Transcript] | None:
-        """Queue an interim request unless the model is busy.
+        """Queue an interim request unless a final is waiting or, with several workers, it would take the
+        worker kept free for finals.
 
         Returns:
             A future for the transcript (it may fail with InterimSkipped later), or None when refused.
         """
-        if self._refuses_optional_work():
+        if (
+            self._closed
+            or self._finals
+            or (self.workers > 1 and self.idle_workers < 1 + self._reserve())
+            or self.queue_depth >= self._interim_limit()
+        ):
             return None
         item = _Item(request, asyncio.get_running_loop().create_future(), interim=True)
         self._interims.append(item)
         asyncio.get_running_loop().create_task(self._notify())
         return item.future
 
-    def _refuses_optional_work(self) -> bool:
-        """Interims and speculative finals are refused when closed, when finals are waiting, or when
-        the queue is more than its interim share full."""
-        limit = max(1, int(self.config.max_queue * self.config.interim_queue_fraction))
-        return self._closed or self.queue_depth >= limit or bool(self._finals)
+    def _interim_limit(self) -> int:
+        return max(1, int(self.config.max_queue * self.config.interim_queue_fraction))
+
+    def _reserve(self) -> int:
+        """Workers an interim must leave idle for finals: one when there are several."""
+        return 1 if self.workers > 1 else 0
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -187,15 +257,19 @@ class Batcher:
 
     # ------------------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _run(self, worker: int) -> None:
         while True:
             batch = await self._next_batch()
-            await self._execute(batch)
+            try:
+                await self._execute(batch, worker)
+            finally:
+                async with self._changed:
+                    self._changed.notify_all()  # a worker is free: waiting interims may now run
 
     def _prune(self) -> None:
         """Forget requests whose sessions went away; skip interims that waited too long."""
         now = time.monotonic()
-        for queue in (self._finals, self._interims):
+        for queue in (self._finals, self._bulk, self._interims):
             if any(item.future.done() for item in queue):
                 kept = [item for item in queue if not item.future.done()]
                 queue.clear()
@@ -207,36 +281,55 @@ class Batcher:
         async with self._changed:
             while True:
                 self._prune()
-                if self._finals or self._interims:
+                if self._finals or self._may_run_bulk() or (self._interims and self._may_run_interim()):
                     break
                 await self._changed.wait()
             # Wait a little for company unless a full batch is already waiting.
             deadline = time.monotonic() + self.config.max_wait_ms / 1000
-            while len(self._finals) < self.config.max_batch_size and not self._closed:
-                if not self._finals and len(self._interims) >= self.config.max_batch_size:
-                    break
+            while self._finals and len(self._finals) < self.config.max_batch_size and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
                     await asyncio.wait_for(self._changed.wait(), remaining)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
                     break
             self._prune()
-            queue = self._finals if self._finals else self._interims
-            batch = self._take(queue)
+            if self._finals:
+                # Share waiting finals out between the workers not in a call (this one included).
+                share = -(-len(self._finals) // max(1, self.idle_workers))
+                batch = self._take(self._finals, limit=share)
+            elif self._may_run_bulk():
+                batch = self._take(self._bulk, limit=1)
+            elif self._interims and self._may_run_interim():
+                batch = self._take(self._interims)
+            else:
+                batch = []
             self._changed.notify_all()  # room in the queue for waiting finals
             return batch
 
-    def _take(self, queue: deque[_Item]) -> list[_Item]:
-        """The oldest item plus the closest-length items with the same batch key."""
+    def _may_run_interim(self) -> bool:
+        """The asking (idle) worker may start an interim: the other idle workers cover the reserve."""
+        return self.idle_workers - 1 >= self._reserve()
+
+    def _may_run_bulk(self) -> bool:
+        """The asking (idle) worker may start a bulk final: keeping the reserve while live finals are
+        recent."""
+        if not self._bulk:
+            return False
+        live = time.monotonic() - self._last_live_s < LIVE_RECENT_S
+        return not live or self.idle_workers - 1 >= self._reserve()
+
+    def _take(self, queue: deque[_Item], *, limit: int | None = None) -> list[_Item]:
+        """The oldest item plus the closest-length items with the same batch key (``limit`` in all)."""
         if not queue:
             return []
+        size = min(self.config.max_batch_size, limit or self.config.max_batch_size)
         first = queue.popleft()
         key, length = first.request.batch_key, len(first.request.audio)
         same = [item for item in queue if item.request.batch_key == key]
         same.sort(key=lambda item: abs(len(item.request.audio) - length))
-        chosen = same[: self.config.max_batch_size - 1]
+        chosen = same[: size - 1]
         for item in chosen:
             queue.remove(item)
         return [first, *chosen]
@@ -260,7 +353,7 @@ class Batcher:
                 item.future.set_result(transcript)
         return True
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _execute(self, batch: list[_Item], worker: int) -> None:
         batch = [item for item in batch if not item.future.done()]
         if not batch:
             return
@@ -268,7 +361,7 @@ class Batcher:
         started = time.monotonic()
         wait_s = started - min(item.enqueued_s for item in batch)
         failed = False
-        self._running = batch
+        self._running[worker] = batch
         try:
             failed = not await self._call(batch)
             if failed and len(batch) > 1:
@@ -278,7 +371,7 @@ class Batcher:
                     if not item.future.done():
                         await self._call([item])
         finally:
-            self._running = []
+            del self._running[worker]
         if self._on_batch is not None:
             self._on_batch(
                 BatchReport(
@@ -288,5 +381,7 @@ class Batcher:
                     inference_s=time.monotonic() - started,
                     queue_wait_s=wait_s,
                     failed=failed,
+                    speculative=sum(1 for item in batch if item.speculative),
+                    worker=worker,
                 )
             )

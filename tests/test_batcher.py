@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -226,3 +227,112 @@ async def test_speculative_requests_wait_with_finals_but_are_refused_when_finals
     await batcher.stop()
     order = [float(b[0].audio[0]) for b in engine.batches[2:]]
     assert order == [np.float32(0.3), np.float32(0.5)], "speculation goes before interims"
+
+
+# -- Several workers on one engine --------------------------------------------------------------------
+
+
+def two_worker_engine(delay_s: float) -> FakeEngine:
+    engine = FakeEngine(delay_s=delay_s)
+    engine._info = replace(engine.info, max_concurrent_calls=2)
+    return engine
+
+
+async def test_workers_follow_the_engines_concurrency_and_run_at_once() -> None:
+    """With an engine that allows two calls at once, two finals run at the same time in two threads, one
+    each, rather than as one batch of two."""
+    engine = two_worker_engine(0.2)
+    reports: list[BatchReport] = []
+    batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=5), on_batch=reports.append)
+    assert batcher.workers == 2
+    batcher.start()
+    await asyncio.gather(batcher.submit_final(req(1.0)), batcher.submit_final(req(1.1)))
+    await batcher.stop()
+    assert [len(b) for b in engine.batches] == [1, 1]
+    assert len(engine.threads) == 2
+    assert sorted(r.worker for r in reports) == [0, 1]
+    first, second = sorted(reports, key=lambda r: r.worker)
+    assert first.queue_wait_s < 0.1 and second.queue_wait_s < 0.1, "neither waited for the other"
+
+
+async def test_an_interim_never_takes_the_last_idle_worker() -> None:
+    """With one of two workers busy, an interim is refused, and a final that arrives starts at once on the
+    worker kept free."""
+    engine = two_worker_engine(0.0)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=4, max_wait_ms=0, interim_queue_fraction=1.0))
+    batcher.start()
+    engine.delay_s = 0.3
+    long_final = asyncio.ensure_future(batcher.submit_final(req(5.0)))
+    await asyncio.sleep(0.05)
+    assert batcher.busy_workers == 1
+    assert batcher.submit_interim(req(1.0)) is None, "it would take the worker kept for finals"
+    engine.delay_s = 0.0
+    quick = await batcher.submit_final(req(0.5))
+    assert not long_final.done(), "the second final did not wait for the first"
+    assert quick.text == "clip 0.50"
+    await long_final
+    interim = batcher.submit_interim(req(1.0))
+    assert interim is not None, "both idle: an interim may take one"
+    await interim
+    await batcher.stop()
+
+
+async def test_speculation_is_refused_only_when_it_would_wait_behind_a_final() -> None:
+    """A speculative final is accepted while a worker is free, and refused once the waiting finals fill
+    every idle worker."""
+    engine = two_worker_engine(0.3)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=4, max_wait_ms=0, interim_queue_fraction=1.0))
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit_final(req(1.0)))
+    await asyncio.sleep(0.05)
+    speculative = batcher.submit_speculative(req(1.0, marker=0.3))
+    assert speculative is not None, "one worker is still free"
+    await asyncio.sleep(0.05)
+    assert batcher.busy_workers == 2
+    waiting = asyncio.ensure_future(batcher.submit_final(req(2.0)))
+    await asyncio.sleep(0.01)
+    assert batcher.finals_waiting == 1
+    assert batcher.submit_speculative(req(1.0)) is None, "it would wait behind a final"
+    await asyncio.gather(first, speculative, waiting)
+    await batcher.stop()
+
+
+async def test_bulk_finals_run_after_live_ones_one_per_call() -> None:
+    """Finals of a stream sent faster than real time wait behind live finals and run one per call."""
+    engine = FakeEngine(delay_s=0.1)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=0))
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.1)))
+    await asyncio.sleep(0.03)
+    bulk = [asyncio.ensure_future(batcher.submit_final(req(1, marker=0.7), bulk=True)) for _ in range(3)]
+    await asyncio.sleep(0)
+    live = asyncio.ensure_future(batcher.submit_final(req(1, marker=0.3)))
+    await asyncio.gather(blocker, live, *bulk)
+    await batcher.stop()
+    markers = [[float(r.audio[0]) for r in b] for b in engine.batches]
+    assert markers[1] == [np.float32(0.3)], "the live final went first"
+    assert markers[2:] == [[np.float32(0.7)]] * 3, "bulk finals one per call"
+
+
+async def test_bulk_work_leaves_a_worker_free_only_while_live_streams_are_about() -> None:
+    """With two workers, bulk finals use both when no live final was seen lately, and only one otherwise."""
+    engine = two_worker_engine(0.15)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=0))
+    batcher.start()
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, batcher.busy_workers)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.ensure_future(watch())
+    await asyncio.gather(*(batcher.submit_final(req(1), bulk=True) for _ in range(4)))
+    alone = peak
+    await batcher.submit_final(req(0.5))  # a live stream shows up
+    peak = 0
+    await asyncio.gather(*(batcher.submit_final(req(1), bulk=True) for _ in range(4)))
+    watcher.cancel()
+    await batcher.stop()
+    assert (alone, peak) == (2, 1)
