@@ -139,6 +139,44 @@ class Metrics:
             "stream_real_time_factor", "Inference seconds per audio second, last batch", ["kind"], registry=r
         )
         self.model_ready = Gauge("stream_model_ready", "1 once the model is loaded and warm", registry=r)
+        self.engine_busy_seconds = Counter(
+            "stream_engine_busy_seconds_total",
+            "Worker-seconds spent in model calls, by kind (divide by the workers for utilization)",
+            ["kind"],
+            registry=r,
+        )
+        self.engine_workers = Gauge("stream_engine_workers", "Model calls that may run at once", registry=r)
+        self.capacity_sessions = Gauge(
+            "stream_capacity_sessions",
+            "Typical conversational streams the server can serve at the latency target (measured speed)",
+            registry=r,
+        )
+        self.capacity_sessions_left = Gauge(
+            "stream_capacity_sessions_left",
+            "Typical streams it can still admit now (0: new streams get 503); route and autoscale on it",
+            registry=r,
+        )
+        self.capacity_load = Gauge(
+            "stream_capacity_load_ratio",
+            "The open streams' demand over what meets the latency target (1 = at capacity)",
+            registry=r,
+        )
+        self.engine_utilization = Gauge(
+            "stream_engine_utilization",
+            "Share of worker time spent on finals over the last minute (measured)",
+            registry=r,
+        )
+        self.engine_call_seconds = Gauge(
+            "stream_engine_call_seconds",
+            "The speed model: seconds of one call = fixed + per_audio_second x audio seconds",
+            ["term"],
+            registry=r,
+        )
+        self.spooled_bytes = Gauge(
+            "stream_spooled_bytes",
+            "Audio read from fast clients and waiting on disk for the model (all streams)",
+            registry=r,
+        )
 
     def watch_gpu(self, device_index: int) -> None:
         """Add the GPU memory collector (call once, when the engine runs on CUDA)."""
@@ -146,6 +184,7 @@ class Metrics:
 
     def record_batch(self, report: BatchReport) -> None:
         kind = "interim" if report.interim else "final"
+        self.engine_busy_seconds.labels(kind).inc(report.inference_s)
         self.batch_size.labels(kind).observe(report.size)
         self.inference_seconds.labels(kind).observe(report.inference_s)
         self.queue_wait_seconds.labels(kind).observe(report.queue_wait_s)

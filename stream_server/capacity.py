@@ -1,0 +1,383 @@
+"""Admission from measured capacity (README, "Capacity and admission"). Pure: no I/O, no clock of its own.
+
+The server admits a stream only when it can serve it within ``target_latency_ms`` (end of speech to
+final, endpointing included) without hurting the streams it already serves. Three things are measured
+and kept up to date:
+
+- **the engine's speed**, :class:`SpeedModel`: an engine call of ``x`` seconds of audio takes
+  ``a + b·x`` seconds on one worker, fitted by exponentially weighted least squares, seeded by a
+  calibration at start-up (:func:`calibration_clips`) and refitted from every final batch the server
+  runs; plus the observed spread of final call times;
+- **each stream's demand**: seconds of speech it finalized and finals it produced per second over the
+  last ``window_s``; a stream counts at least as a *typical* conversational stream (``speech_ratio`` of
+  speech in segments of ``segment_s``) until it has been open ``min_history_s``, and at least the
+  typical stream after that too, so a quiet stream keeps its seat for when it speaks;
+- **the finals' own latency** (segment close to final sent), as the check on the model.
+
+The streams' demand, in worker-seconds per second, divided by the workers is the load ``ρ``. How much
+load meets the target comes from a queueing estimate: finals arrive at random, are served by ``c``
+workers with the measured mean and spread of call times, and the 95th percentile of their wait plus the
+95th percentile call must fit in the time the target leaves after the endpointing silence (or, with
+speculative finals, after the speculation point: the model starts then). The wait's tail is Erlang C
+with Kingman's correction for the call-time spread::
+
+    P(wait > t) ≈ C(c, cρ) · exp(-2·c·(1 - ρ)·t / (s̄·(1 + cs²)))
+
+``ρ_max`` is the largest ρ with ``P(wait > budget - s95) ≤ 5 %``; a new stream is admitted when the load
+with it stays under ``ρ_max``, and when the finals' measured p95 is within the budget. Interims are not
+counted: they are shed first under load (README, "Batching and scheduling").
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CapacitySettings:
+    """What admission aims at and assumes about a new stream.
+
+    Attributes:
+        workers: engine calls that run at once.
+        target_latency_s: end of speech to final, endpointing included; 0 turns admission by capacity off.
+        endpointing_s: the server's default endpointing silence (the part of the target the model
+            cannot use).
+        speculative_s: when speculative finals start (0: off); the model may then start this long into
+            the pause instead of at its end.
+        speech_ratio: share of a typical stream's time that is speech (a two-party conversation: 0.5).
+        segment_s: mean length of a typical stream's segments.
+        quantile: the share of finals that must meet the target (0.95).
+        min_history_s: a stream's own demand counts once it has been open this long.
+        window_s: window of the streams' demand, the call times and the finals' latency.
+    """
+
+    workers: int = 1
+    target_latency_s: float = 1.0
+    endpointing_s: float = 0.5
+    speculative_s: float = 0.2
+    speech_ratio: float = 0.5
+    segment_s: float = 3.0
+    quantile: float = 0.95
+    min_history_s: float = 30.0
+    window_s: float = 60.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_latency_s > 0
+
+    @property
+    def model_budget_s(self) -> float:
+        """Time the target leaves for waiting and the model call."""
+        head_start = (
+            self.endpointing_s - self.speculative_s if 0 < self.speculative_s < self.endpointing_s else 0
+        )
+        return self.target_latency_s - self.endpointing_s + head_start
+
+
+class SpeedModel:
+    """``seconds = a + b · audio_s`` for one engine call on one worker, by exponentially weighted least
+    squares (each new observation weighs ``1 / (1 - decay)`` times the oldest kept one's)."""
+
+    def __init__(self, *, decay: float = 0.99) -> None:
+        self.decay = decay
+        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self.observations = 0
+
+    def observe(self, audio_s: float, seconds: float) -> None:
+        """One engine call: its audio and how long it took."""
+        d = self.decay
+        self._n = d * self._n + 1
+        self._sx = d * self._sx + audio_s
+        self._sy = d * self._sy + seconds
+        self._sxx = d * self._sxx + audio_s * audio_s
+        self._sxy = d * self._sxy + audio_s * seconds
+        self.observations += 1
+
+    @property
+    def coefficients(self) -> tuple[float, float]:
+        """``(a, b)``: fixed seconds per call and seconds per second of audio (both >= 0)."""
+        if self._n <= 0:
+            return 0.0, 0.0
+        mean_x, mean_y = self._sx / self._n, self._sy / self._n
+        var_x = self._sxx / self._n - mean_x * mean_x
+        if var_x <= 1e-9:  # every call the same length: all of it per second
+            return 0.0, max(0.0, mean_y / mean_x) if mean_x > 0 else 0.0
+        b = (self._sxy / self._n - mean_x * mean_y) / var_x
+        b = max(0.0, b)
+        a = max(0.0, mean_y - b * mean_x)
+        return a, b
+
+    def call_s(self, audio_s: float) -> float:
+        """Predicted seconds of one call on ``audio_s`` seconds of audio."""
+        a, b = self.coefficients
+        return a + b * audio_s
+
+
+def calibration_clips(max_audio_s: float) -> list[float]:
+    """Clip lengths to time at start-up: short, typical and long segments (each run twice)."""
+    lengths = [1.0, 2.0, 4.0, 8.0]
+    return [x for x in lengths if x <= max_audio_s] or [max_audio_s]
+
+
+@dataclass(frozen=True)
+class CapacityState:
+    """What :meth:`CapacityModel.state` reports (``/health``, ``/metrics``, the admission decision).
+
+    Attributes:
+        sessions: streams open.
+        capacity_sessions: typical streams the server can hold at the target (open ones included).
+        sessions_left: typical streams it can still admit.
+        load: the open streams' demand as a share of ``max_load`` (1.0 = at capacity).
+        demand: the open streams' demand in worker-seconds per second.
+        max_load: ``ρ_max``, the utilization at which finals still meet the target.
+        utilization: the share of worker time spent on finals over the last window (measured).
+        final_p95_s: 95th percentile of segment close to final over the window, None before 20 finals.
+        call_s: the speed model's ``(a, b)``.
+        typical_demand: a typical stream's demand, worker-seconds per second.
+        accepting: a new stream would be admitted now.
+        reason: why not, when not.
+    """
+
+    sessions: int
+    capacity_sessions: int
+    sessions_left: int
+    load: float
+    demand: float
+    max_load: float
+    utilization: float
+    final_p95_s: float | None
+    call_s: tuple[float, float]
+    typical_demand: float
+    accepting: bool
+    reason: str
+
+
+class _Stream:
+    __slots__ = ("finals", "opened_s")
+
+    def __init__(self, opened_s: float) -> None:
+        self.opened_s = opened_s
+        self.finals: deque[tuple[float, float]] = deque()  # (when, audio seconds)
+
+
+class CapacityModel:
+    """The engine's speed, the open streams' demand and the finals' latency, and what they allow.
+
+    Args:
+        settings: the target and the typical stream.
+        speed: the engine's speed model (a fresh one by default).
+    """
+
+    MIN_SAMPLES = 20
+    """Observed call times and latencies count once there are this many in the window."""
+
+    def __init__(self, settings: CapacitySettings, speed: SpeedModel | None = None) -> None:
+        self.settings = settings
+        self.speed = speed or SpeedModel()
+        self._streams: dict[Hashable, _Stream] = {}
+        self._calls: deque[tuple[float, float, float]] = deque()  # (when, audio seconds, seconds)
+        self._busy: deque[tuple[float, float]] = deque()  # (when, worker seconds on finals)
+        self._latencies: deque[tuple[float, float]] = deque()  # (when, close -> final seconds)
+        self._started_s: float | None = None
+
+    # -- Inputs -------------------------------------------------------------------------------------
+
+    def calibrate(self, samples: Sequence[tuple[float, float]]) -> None:
+        """Seed the speed model with start-up timings: ``(audio seconds, call seconds)`` pairs."""
+        for audio_s, seconds in samples:
+            self.speed.observe(audio_s, seconds)
+
+    def observe_call(self, now_s: float, *, audio_s: float, seconds: float, size: int, interim: bool) -> None:
+        """An engine call finished (the batcher's report)."""
+        self._mark(now_s)
+        if interim or size < 1:
+            return
+        self.speed.observe(audio_s, seconds)
+        self._busy.append((now_s, seconds))
+        self._calls.append((now_s, audio_s, seconds))  # each final of a batch waits for the whole call
+
+    def observe_latency(self, now_s: float, seconds: float) -> None:
+        """A final left: ``seconds`` from its segment's close."""
+        self._latencies.append((now_s, seconds))
+
+    def open(self, key: Hashable, now_s: float) -> None:
+        """A stream was admitted."""
+        self._mark(now_s)
+        self._streams[key] = _Stream(now_s)
+
+    def close(self, key: Hashable) -> None:
+        """A stream ended."""
+        self._streams.pop(key, None)
+
+    def observe_final(self, key: Hashable, now_s: float, audio_s: float) -> None:
+        """A stream's segment of ``audio_s`` seconds was finalized."""
+        stream = self._streams.get(key)
+        if stream is not None:
+            stream.finals.append((now_s, audio_s))
+
+    # -- Estimates ----------------------------------------------------------------------------------
+
+    def typical_demand(self) -> float:
+        """Worker-seconds per second of a typical stream: its finals' arrival rate times their call time."""
+        s = self.settings
+        rate = s.speech_ratio / s.segment_s
+        return rate * self.speed.call_s(s.segment_s)
+
+    def stream_demand(self, key: Hashable, now_s: float) -> float:
+        """A stream's demand: what it used over the window, at least a typical stream's."""
+        stream = self._streams.get(key)
+        typical = self.typical_demand()
+        if stream is None:
+            return typical
+        self._trim(stream.finals, now_s)
+        age_s = now_s - stream.opened_s
+        if age_s < self.settings.min_history_s or not stream.finals:
+            return typical
+        span_s = min(age_s, self.settings.window_s)
+        used = sum(self.speed.call_s(audio_s) for _, audio_s in stream.finals) / span_s
+        return max(typical, used)
+
+    def service_stats(self, now_s: float) -> tuple[float, float, float]:
+        """Mean call seconds, squared coefficient of variation, and 95th percentile call seconds of
+        finals: measured over the window when there are enough, else from the speed model."""
+        self._trim(self._calls, now_s)
+        if len(self._calls) >= self.MIN_SAMPLES:
+            times = sorted(seconds for _, _, seconds in self._calls)
+            mean = sum(times) / len(times)
+            var = sum((t - mean) ** 2 for t in times) / len(times)
+            p95 = times[min(len(times) - 1, int(math.ceil(0.95 * len(times))) - 1)]
+            return mean, (var / (mean * mean) if mean > 0 else 1.0), p95
+        s = self.settings
+        # Segments of a conversation: roughly exponential lengths, so p95 is about 3 means.
+        return self.speed.call_s(s.segment_s), 1.0, self.speed.call_s(3 * s.segment_s)
+
+    def max_load(self, now_s: float) -> float:
+        """ρ_max: the highest utilization at which the target quantile of finals meets the target."""
+        mean_s, cs2, p95_s = self.service_stats(now_s)
+        return max_utilization(
+            workers=self.settings.workers,
+            mean_service_s=mean_s,
+            service_cv2=cs2,
+            wait_budget_s=self.settings.model_budget_s - p95_s,
+            quantile=self.settings.quantile,
+        )
+
+    def state(self, now_s: float) -> CapacityState:
+        """Everything admission and the endpoints report, now."""
+        s = self.settings
+        typical = self.typical_demand()
+        demand = sum(self.stream_demand(key, now_s) for key in self._streams)
+        rho_max = self.max_load(now_s)
+        budget = rho_max * s.workers
+        if typical > 0:
+            capacity = max(1, int(budget / typical + 1e-9))
+            left = max(0, int((budget - demand) / typical + 1e-9))
+        else:  # not calibrated: nothing known, nothing refused
+            capacity, left = 1_000_000, 1_000_000
+        if not self._streams and left < 1:
+            left = 1  # one stream is always served, even when the target is out of reach
+        self._trim(self._busy, now_s)
+        span = min(s.window_s, now_s - (self._started_s if self._started_s is not None else now_s))
+        utilization = sum(x for _, x in self._busy) / (span * s.workers) if span > 1 else 0.0
+        p95 = self.final_p95(now_s)
+        reason = ""
+        if left < 1:
+            reason = f"the open streams use {demand:.2f} of {budget:.2f} worker-seconds per second"
+        elif p95 is not None and p95 > s.model_budget_s and self._streams:
+            reason = (
+                f"finals are late: p95 {p95:.2f} s after the segment closes (budget {s.model_budget_s:.2f} s)"
+            )
+        return CapacityState(
+            sessions=len(self._streams),
+            capacity_sessions=capacity,
+            sessions_left=left if not reason else 0,
+            load=demand / budget if budget > 0 else math.inf,
+            demand=demand,
+            max_load=rho_max,
+            utilization=utilization,
+            final_p95_s=p95,
+            call_s=self.speed.coefficients,
+            typical_demand=typical,
+            accepting=not reason or not s.enabled,
+            reason=reason if s.enabled else "",
+        )
+
+    def final_p95(self, now_s: float) -> float | None:
+        """95th percentile of close-to-final latency over the window (None before enough finals)."""
+        self._trim(self._latencies, now_s)
+        if len(self._latencies) < self.MIN_SAMPLES:
+            return None
+        values = sorted(x for _, x in self._latencies)
+        return values[min(len(values) - 1, int(math.ceil(0.95 * len(values))) - 1)]
+
+    # -- Internals ----------------------------------------------------------------------------------
+
+    def _mark(self, now_s: float) -> None:
+        if self._started_s is None:
+            self._started_s = now_s
+
+    def _trim(self, window: deque[Any], now_s: float) -> None:
+        while window and window[0][0] < now_s - self.settings.window_s:
+            window.popleft()
+
+
+def erlang_c(workers: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with ``offered = λ/μ`` (< workers)."""
+    if offered <= 0:
+        return 0.0
+    if offered >= workers:
+        return 1.0
+    term = 1.0
+    total = 1.0  # k = 0
+    for k in range(1, workers):
+        term *= offered / k
+        total += term
+    last = term * offered / workers * workers / (workers - offered)  # A^c / c! * c / (c - A)
+    return last / (total + last)
+
+
+def wait_tail(*, workers: int, rho: float, mean_service_s: float, service_cv2: float, t_s: float) -> float:
+    """P(wait > t): Erlang C with Kingman's correction for the spread of service times."""
+    if rho >= 1:
+        return 1.0
+    if t_s < 0:
+        return 1.0
+    c = erlang_c(workers, rho * workers)
+    rate = 2 * workers * (1 - rho) / (mean_service_s * (1 + service_cv2)) if mean_service_s > 0 else math.inf
+    return c * math.exp(-rate * t_s)
+
+
+def max_utilization(
+    *, workers: int, mean_service_s: float, service_cv2: float, wait_budget_s: float, quantile: float
+) -> float:
+    """The largest utilization at which ``P(wait > wait_budget_s) <= 1 - quantile`` (0 when even an idle
+    server cannot meet it: the call alone is longer than the budget)."""
+    if wait_budget_s < 0:
+        return 0.0
+    allowed = 1 - quantile
+    lo, hi = 0.0, 0.999
+    if (
+        wait_tail(
+            workers=workers, rho=hi, mean_service_s=mean_service_s, service_cv2=service_cv2, t_s=wait_budget_s
+        )
+        <= allowed
+    ):
+        return hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        tail = wait_tail(
+            workers=workers,
+            rho=mid,
+            mean_service_s=mean_service_s,
+            service_cv2=service_cv2,
+            t_s=wait_budget_s,
+        )
+        if tail <= allowed:
+            lo = mid
+        else:
+            hi = mid
+    return lo

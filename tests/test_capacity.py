@@ -1,0 +1,165 @@
+"""Admission from measured capacity, on a controlled clock: the speed model, the queueing estimate, the
+streams' demand and the latency feedback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stream_server.capacity import (
+    CapacityModel,
+    CapacitySettings,
+    SpeedModel,
+    erlang_c,
+    max_utilization,
+    wait_tail,
+)
+
+SETTINGS = CapacitySettings(workers=1, target_latency_s=1.0, endpointing_s=0.5, speculative_s=0.2)
+CALIBRATION = [(x, 0.02 + 0.03 * x) for x in (1.0, 2.0, 4.0, 8.0)] * 2
+"""A model taking 20 ms + 30 ms per second of audio (ONNX int8 on 2 cores is about 0.06 s/s)."""
+
+
+def model(settings: CapacitySettings = SETTINGS) -> CapacityModel:
+    m = CapacityModel(settings)
+    m.calibrate(CALIBRATION)
+    return m
+
+
+def test_speed_model_fits_fixed_and_per_second_cost_and_follows_change() -> None:
+    """Noiseless calls give back a and b exactly; when the engine slows down, the fit follows."""
+    speed = SpeedModel(decay=0.9)
+    for x in (1.0, 3.0, 5.0, 10.0):
+        speed.observe(x, 0.05 + 0.04 * x)
+    a, b = speed.coefficients
+    assert (a, b) == (pytest.approx(0.05), pytest.approx(0.04))
+    for _ in range(100):  # twice as slow now (another process took a core)
+        for x in (1.0, 5.0):
+            speed.observe(x, 2 * (0.05 + 0.04 * x))
+    assert speed.call_s(5.0) == pytest.approx(2 * (0.05 + 0.2), rel=0.02)
+
+
+def test_equal_lengths_put_all_cost_per_second_and_nothing_is_negative() -> None:
+    """With one clip length a and b are not separable: b carries it all; a and b never go negative."""
+    speed = SpeedModel()
+    speed.observe(4.0, 0.4)
+    speed.observe(4.0, 0.4)
+    assert speed.coefficients == (0.0, pytest.approx(0.1))
+    odd = SpeedModel()
+    odd.observe(1.0, 0.5)
+    odd.observe(10.0, 0.1)  # longer was faster: noise
+    a, b = odd.coefficients
+    assert a >= 0 and b >= 0
+
+
+def test_erlang_c_and_the_wait_tail_have_their_textbook_values() -> None:
+    """One server waits with probability rho; two servers at offered load 1 with 1/3; the tail shrinks
+    with time and grows with load."""
+    assert erlang_c(1, 0.7) == pytest.approx(0.7)
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(4, 0.0) == 0.0 and erlang_c(2, 2.5) == 1.0
+    tail = [wait_tail(workers=1, rho=0.5, mean_service_s=0.2, service_cv2=1.0, t_s=t) for t in (0, 0.2, 0.5)]
+    assert tail[0] == pytest.approx(0.5) and tail[0] > tail[1] > tail[2]
+    # M/M/1: P(W > t) = rho * exp(-(1 - rho) t / s) exactly when cv2 = 1.
+    assert tail[2] == pytest.approx(0.5 * math.exp(-0.5 * 0.5 / 0.2))
+    assert wait_tail(workers=1, rho=0.8, mean_service_s=0.2, service_cv2=1.0, t_s=0.2) > tail[1]
+
+
+def test_max_utilization_grows_with_budget_and_workers_and_is_zero_when_the_call_alone_is_too_long() -> None:
+    """The allowed load rises with the wait budget and the number of workers, falls with the call time's
+    spread, and is 0 for a negative budget."""
+
+    def rho(budget: float, workers: int = 1, cv2: float = 1.0) -> float:
+        return max_utilization(
+            workers=workers, mean_service_s=0.2, service_cv2=cv2, wait_budget_s=budget, quantile=0.95
+        )
+
+    assert rho(-0.01) == 0.0
+    assert 0 < rho(0.2) < rho(0.5) < rho(2.0) < 1
+    assert rho(0.3, workers=2) > rho(0.3)
+    assert rho(0.3, cv2=0.1) > rho(0.3, cv2=1.0)
+    found = rho(0.3)
+    tail = wait_tail(workers=1, rho=found, mean_service_s=0.2, service_cv2=1.0, t_s=0.3)
+    assert tail == pytest.approx(0.05, abs=1e-3)
+
+
+def test_capacity_counts_typical_streams_and_seats_left_fall_as_streams_open() -> None:
+    """Capacity is the allowed load over a typical stream's demand; every open stream takes one seat."""
+    m = model()
+    start = m.state(0.0)
+    assert start.capacity_sessions >= 2 and start.sessions_left == start.capacity_sessions
+    for k in range(start.capacity_sessions):
+        m.open(k, 0.0)
+    full = m.state(0.0)
+    assert full.sessions_left == 0 and not full.accepting and "worker-seconds" in full.reason
+    assert full.load == pytest.approx(
+        start.capacity_sessions * m.typical_demand() / (full.max_load), rel=1e-6
+    )
+    m.close(0)
+    assert m.state(0.0).accepting
+
+
+def test_a_stream_that_talks_more_than_typical_counts_more_and_a_quiet_one_keeps_its_seat() -> None:
+    """After min_history_s a stream's own use counts when above typical; a silent stream counts as typical."""
+    m = model()
+    m.open("talker", 0.0)
+    m.open("quiet", 0.0)
+    for t in range(0, 60, 5):  # a 5 s segment every 5 s: all speech, twice the typical 50 %
+        m.observe_final("talker", float(t), 5.0)
+    typical = m.typical_demand()
+    assert m.stream_demand("talker", 10.0) == pytest.approx(typical), "too young to judge"
+    assert m.stream_demand("talker", 59.0) > 1.8 * typical
+    assert m.stream_demand("quiet", 59.0) == pytest.approx(typical)
+
+
+def test_late_finals_stop_admission_until_they_recover() -> None:
+    """When the measured p95 from close to final exceeds the budget, new streams are refused; once the
+    window has passed with timely finals, they are admitted again."""
+    m = model()
+    m.open("a", 0.0)
+    for i in range(30):
+        m.observe_latency(1.0 + i * 0.1, 1.5)  # 1.5 s after the close: far past the 0.8 s budget
+    late = m.state(5.0)
+    assert not late.accepting and late.sessions_left == 0 and "late" in late.reason
+    for i in range(30):
+        m.observe_latency(70.0 + i, 0.2)
+    assert m.state(100.0).accepting
+
+
+def test_one_stream_is_served_even_when_the_target_is_out_of_reach() -> None:
+    """An engine slower than the target still serves one stream at a time rather than none."""
+    m = CapacityModel(SETTINGS)
+    m.calibrate([(x, 0.5 + 0.5 * x) for x in (1.0, 2.0, 4.0)])
+    idle = m.state(0.0)
+    assert idle.max_load == 0.0 and idle.accepting and idle.sessions_left == 1
+    m.open("only", 0.0)
+    assert not m.state(0.0).accepting
+
+
+def test_admission_off_accepts_everything_and_unknown_speed_refuses_nothing() -> None:
+    """target_latency 0 turns refusals off; before any calibration nothing is refused either."""
+    off = CapacityModel(CapacitySettings(target_latency_s=0.0))
+    off.calibrate(CALIBRATION)
+    for k in range(100):
+        off.open(k, 0.0)
+    assert off.state(0.0).accepting
+    fresh = CapacityModel(SETTINGS)
+    for k in range(100):
+        fresh.open(k, 0.0)
+    assert fresh.state(0.0).accepting
+
+
+def test_measured_call_times_replace_the_prior_and_interims_do_not_count() -> None:
+    """Once enough finals were timed, their mean, spread and p95 drive the estimate; interim calls are
+    not counted in the speed or the utilization."""
+    m = model()
+    prior = m.service_stats(0.0)
+    for i in range(40):
+        m.observe_call(float(i), audio_s=2.0, seconds=0.08, size=1, interim=False)
+        m.observe_call(float(i), audio_s=8.0, seconds=5.0, size=1, interim=True)
+    mean, cv2, p95 = m.service_stats(40.0)
+    assert (mean, p95) == (pytest.approx(0.08), pytest.approx(0.08)) and cv2 == pytest.approx(0.0, abs=1e-9)
+    assert prior[1] == 1.0
+    assert m.speed.call_s(8.0) < 1.0
+    assert m.state(40.0).utilization == pytest.approx(40 * 0.08 / 40, rel=0.1)
