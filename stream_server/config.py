@@ -245,9 +245,20 @@ class LimitsConfig:
         idle_timeout_s: close a stream that sent neither audio nor KeepAlive for this long
             (Deepgram closes after 10 s).
         max_client_errors: non-fatal protocol errors tolerated per stream before it is closed (1008).
-        max_pending_finals: finals of one stream waiting for the model before the server stops reading
-            that stream's socket (back-pressure instead of unbounded buffering).
+        max_pending_finals: finals of one stream waiting for the model before the server stops feeding
+            that stream's audio to its session; what the client sends meanwhile goes to the spool.
         max_session_s: longest stream in seconds of audio, 0 for no limit.
+        target_latency_ms: end of speech to final (endpointing included) that admission protects: a
+            new stream is refused with 503 when serving it would push finals past this, by the
+            engine's measured speed and the open streams' load; 0 admits up to max_sessions.
+        typical_speech_ratio: share of speech assumed for a stream admission knows nothing about yet
+            (a new one, or a quiet one: it keeps its seat for when it speaks).
+        typical_segment_ms: mean segment length assumed for such a stream.
+        max_spool_mb: per stream, how much audio a client sending faster than the model can take may
+            put ahead of it; it waits in an unlinked temporary file (not memory) and the socket is
+            read all the time, so pings are answered; beyond it the server stops reading (TCP
+            back-pressure). 0 turns the spool off.
+        spool_dir: where those files go; empty means the system's temporary directory.
     """
 
     max_sessions: int = 64
@@ -256,6 +267,11 @@ class LimitsConfig:
     max_client_errors: int = 16
     max_pending_finals: int = 4
     max_session_s: float = 0.0
+    target_latency_ms: int = 1000
+    typical_speech_ratio: float = 0.5
+    typical_segment_ms: int = 3000
+    max_spool_mb: int = 1024
+    spool_dir: str = ""
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_sessions <= 100000, "max_sessions", "must be 1..100000")
@@ -264,6 +280,14 @@ class LimitsConfig:
         _check(1 <= self.max_client_errors <= 1000, "max_client_errors", "must be 1..1000")
         _check(1 <= self.max_pending_finals <= 64, "max_pending_finals", "must be 1..64")
         _check(0 <= self.max_session_s, "max_session_s", "must be >= 0")
+        _check(
+            self.target_latency_ms == 0 or 100 <= self.target_latency_ms <= 60000,
+            "target_latency_ms",
+            "must be 0 (off) or 100..60000",
+        )
+        _check(0 < self.typical_speech_ratio <= 1, "typical_speech_ratio", "must be in (0, 1]")
+        _check(100 <= self.typical_segment_ms <= 60000, "typical_segment_ms", "must be 100..60000")
+        _check(0 <= self.max_spool_mb <= 1 << 20, "max_spool_mb", "must be 0 (off) .. 1048576")
 
 
 @dataclass(frozen=True)

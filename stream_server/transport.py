@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -29,16 +30,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiohttp import WSMsgType, web
 
 from . import __version__
-from .batcher import Batcher
+from .batcher import Batcher, BatchReport
+from .capacity import CapacityModel, CapacitySettings, calibration_clips
 from .config import Config
-from .engines.base import Engine, EngineInfo
+from .engines.base import SAMPLE_RATE_HZ, Engine, EngineInfo, TranscribeRequest
 from .errors import BadRequest, BatcherClosed, InterimSkipped
 from .metrics import Metrics
 from .protocol import Error, ModelInfo, Results, StreamOptions, parse_options, serialize
 from .session import Job, JobKind, Session, SessionIdentity, SessionSettings
+from .spool import BINARY, TEXT, Spool
 from .vad import FrameVad, WebRtcVad
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,30 @@ STATIC_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(?:js|mjs|css|html|svg|
 READY = "ready"
 LOADING = "loading"
 FAILED = "failed"
+
+BULK_LEAD_S = 5.0
+"""A stream whose audio runs this far ahead of the wall clock is an upload, not a live stream."""
+
+RETRY_AFTER_CAPACITY_S = 5
+"""``Retry-After`` on a refusal at capacity: streams end and quiet ones are re-measured within seconds."""
+
+
+def measure_engine_speed(engine: Engine) -> list[tuple[float, float]]:
+    """Time one call per calibration length, twice, on low noise (run off the event loop, after warm-up).
+
+    Returns:
+        ``(audio seconds, call seconds)`` pairs for :meth:`CapacityModel.calibrate`.
+    """
+    samples: list[tuple[float, float]] = []
+    rng = np.random.default_rng(0)
+    for audio_s in calibration_clips(engine.info.max_audio_s):
+        clip = (0.01 * rng.standard_normal(int(audio_s * SAMPLE_RATE_HZ))).astype(np.float32)
+        for _ in range(2):
+            started = time.perf_counter()
+            engine.transcribe([TranscribeRequest(clip)])
+            samples.append((audio_s, time.perf_counter() - started))
+    logger.info("engine speed: %s", ", ".join(f"{x:g} s in {t:.3f} s" for x, t in samples))
+    return samples
 
 
 def _now_iso() -> str:
@@ -113,6 +141,8 @@ class Server:
         self._engine_loader = engine_loader
         self.engine: Engine | None = engine
         self.batcher: Batcher | None = None
+        self.capacity: CapacityModel | None = None
+        self._calibration: list[tuple[float, float]] = []
         self._vad_factory = vad_factory or default_vad_factory(config)
         self._on_fatal = on_fatal
         self.state = LOADING
@@ -149,7 +179,10 @@ class Server:
         assert self._engine_loader is not None
         started = time.monotonic()
         try:
-            engine = await asyncio.get_running_loop().run_in_executor(None, self._engine_loader)
+            loop = asyncio.get_running_loop()
+            engine = await loop.run_in_executor(None, self._engine_loader)
+            if self.config.engine.warmup:
+                self._calibration = await loop.run_in_executor(None, measure_engine_speed, engine)
         except Exception as exc:
             self.state = FAILED
             self.load_error = str(exc) or type(exc).__name__
@@ -162,8 +195,11 @@ class Server:
 
     def _engine_ready(self, engine: Engine) -> None:
         self.engine = engine
-        self.batcher = Batcher(engine, self.config.batch, on_batch=self.metrics.record_batch)
+        self.batcher = Batcher(engine, self.config.batch, on_batch=self._on_batch)
         self.batcher.start()
+        self.capacity = CapacityModel(self._capacity_settings(self.batcher.workers))
+        self.capacity.calibrate(self._calibration)
+        self.metrics.engine_workers.set(self.batcher.workers)
         info = engine.info
         if info.device.startswith("cuda"):
             index = int(info.device.split(":")[1]) if ":" in info.device else 0
@@ -173,6 +209,76 @@ class Server:
         if info.fallback_reason:
             logger.warning("RUNNING THE FALLBACK MODEL %s: %s", info.name, info.fallback_reason)
         logger.info("ready: %s (%s) on %s, %s", info.name, info.model, info.device, info.dtype)
+        state = self.capacity.state(time.monotonic())
+        a, b = state.call_s
+        logger.info(
+            "capacity: %d worker(s); a call takes %.3f s + %.3f s per audio second; about %s typical "
+            "streams at the %d ms target (typical: %.0f %% speech in %.1f s segments)%s",
+            self.batcher.workers,
+            a,
+            b,
+            state.capacity_sessions if self.capacity.typical_demand() > 0 else "unlimited",
+            self.config.limits.target_latency_ms,
+            100 * self.config.limits.typical_speech_ratio,
+            self.config.limits.typical_segment_ms / 1000,
+            "" if self.config.limits.target_latency_ms else " (admission by capacity is off)",
+        )
+
+    def _capacity_settings(self, workers: int) -> CapacitySettings:
+        seg, limits = self.config.segmenter, self.config.limits
+        return CapacitySettings(
+            workers=workers,
+            target_latency_s=limits.target_latency_ms / 1000,
+            endpointing_s=seg.endpointing_ms / 1000,
+            speculative_s=seg.speculative_final_ms / 1000,
+            speech_ratio=limits.typical_speech_ratio,
+            segment_s=limits.typical_segment_ms / 1000,
+        )
+
+    def _on_batch(self, report: BatchReport) -> None:
+        self.metrics.record_batch(report)
+        if self.capacity is not None:
+            self.capacity.observe_call(
+                time.monotonic(),
+                audio_s=report.audio_s,
+                seconds=report.inference_s,
+                size=report.size,
+                interim=report.interim,
+            )
+
+    def capacity_state(self) -> dict[str, Any] | None:
+        """The capacity report of ``/health`` (None before the model is ready)."""
+        if self.capacity is None:
+            return None
+        state = self.capacity.state(time.monotonic())
+        self._export_capacity_metrics()
+        a, b = state.call_s
+        return {
+            "accepting": state.accepting,
+            "sessions_left": state.sessions_left,
+            "capacity_sessions": state.capacity_sessions,
+            "load": round(state.load, 3) if math.isfinite(state.load) else None,
+            "utilization": round(state.utilization, 3),
+            "max_utilization": round(state.max_load, 3),
+            "target_latency_ms": self.config.limits.target_latency_ms,
+            "final_p95_ms": None if state.final_p95_s is None else round(1000 * state.final_p95_s),
+            "workers": self.batcher.workers if self.batcher is not None else 0,
+            "call_s": {"fixed": round(a, 4), "per_audio_second": round(b, 4)},
+        }
+
+    def _export_capacity_metrics(self) -> None:
+        if self.capacity is None:
+            return
+        state = self.capacity.state(time.monotonic())
+        m = self.metrics
+        m.capacity_sessions.set(state.capacity_sessions)
+        m.capacity_sessions_left.set(state.sessions_left)
+        m.capacity_load.set(state.load if math.isfinite(state.load) else 0.0)
+        m.engine_utilization.set(state.utilization)
+        a, b = state.call_s
+        m.engine_call_seconds.labels("fixed").set(a)
+        m.engine_call_seconds.labels("per_audio_second").set(b)
+        m.spooled_bytes.set(sum(c.spool.bytes_waiting for c in self.connections))
 
     async def _on_shutdown(self, _: web.Application) -> None:
         await self.drain(self.config.server.drain_timeout_s)
@@ -268,6 +374,9 @@ class Server:
             body["model"] = self.engine_details(self.engine.info)
         if self.batcher is not None:
             body["queue_depth"] = self.batcher.queue_depth
+        capacity = self.capacity_state()
+        if capacity is not None:
+            body["capacity"] = capacity
         if self.load_error:
             body["error"] = self.load_error
         status = 200 if body["ready"] else 503
@@ -278,6 +387,7 @@ class Server:
         if self.batcher is not None:
             self.metrics.queue_depth.labels("final").set(self.batcher.finals_waiting)
             self.metrics.queue_depth.labels("interim").set(self.batcher.interims_waiting)
+        self._export_capacity_metrics()
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def _index(self, _: web.Request) -> web.StreamResponse:
@@ -329,26 +439,46 @@ class Server:
             logger.info("refused %s: %s", request.remote, exc)
             return _json_error(400, exc.code, exc.description)
         if len(self.connections) >= self.config.limits.max_sessions:
-            self.metrics.sessions_rejected.labels("capacity").inc()
+            self.metrics.sessions_rejected.labels("max_sessions").inc()
             return _json_error(
                 503,
                 "AT_CAPACITY",
-                f"The server is at its limit of {self.config.limits.max_sessions} streams; retry shortly.",
+                f"The server is at its limit of {self.config.limits.max_sessions} streams; retry shortly "
+                "or use another server.",
                 **{"Retry-After": "2"},
             )
+        assert self.capacity is not None
+        now = time.monotonic()
+        if self.config.limits.target_latency_ms:
+            state = self.capacity.state(now)
+            if not state.accepting:
+                self.metrics.sessions_rejected.labels("capacity").inc()
+                logger.info("refused %s: at capacity: %s", request.remote, state.reason)
+                return _json_error(
+                    503,
+                    "AT_CAPACITY",
+                    "The server is at its measured capacity: one more stream would push finals past "
+                    f"its {self.config.limits.target_latency_ms} ms latency target. Retry shortly or use "
+                    "another server.",
+                    **{"Retry-After": str(RETRY_AFTER_CAPACITY_S)},
+                )
 
         request_id = str(uuid.uuid4())
         ws.headers["dg-request-id"] = request_id
-        await ws.prepare(request)
         session = self._new_session(options, request_id)
         conn = _Connection(self, ws, session)
+        # Counted before the first await, so simultaneous handshakes cannot all pass the check above.
         self.connections.add(conn)
+        self.capacity.open(conn, now)
         self.metrics.sessions_active.set(len(self.connections))
-        logger.info("stream %s opened from %s: %s", request_id, request.remote, options)
         try:
+            await ws.prepare(request)
+            logger.info("stream %s opened from %s: %s", request_id, request.remote, options)
             await conn.run()
         finally:
             self.connections.discard(conn)
+            self.capacity.close(conn)
+            conn.spool.close()
             self.metrics.sessions_active.set(len(self.connections))
         return ws
 
@@ -376,7 +506,14 @@ class Server:
 
 
 class _Connection:
-    """The pump between one WebSocket, its session and the batcher."""
+    """The pump between one WebSocket, its session and the batcher.
+
+    The socket is read all the time (so the client's pings are answered at once, README
+    "Back-pressure"); a message goes to the session when it has room (fewer than
+    ``max_pending_finals`` finals waiting for the model), else to the stream's :class:`Spool`, which is
+    drained into the session, in order, as finals come back. Only when the spool is full does reading
+    stop.
+    """
 
     def __init__(self, server: Server, ws: web.WebSocketResponse, session: Session) -> None:
         self.server = server
@@ -386,11 +523,15 @@ class _Connection:
         self.room = asyncio.Event()
         self.room.set()
         self.finished = asyncio.Event()
+        limits = server.config.limits
+        self.spool = Spool(limits.max_spool_mb << 20, limits.spool_dir or None)
+        self._held: tuple[int, bytes | str] | None = None  # the one message the spool could not take
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._closed_by_us = False
         self._final_started: dict[int, float] = {}
         self._outcome = "client_closed"
         self._bytes_per_second = session.options.sample_rate_hz * session.options.bytes_per_frame
+        self._opened_s = time.monotonic()
 
     async def run(self) -> None:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -411,39 +552,89 @@ class _Connection:
             self.server.metrics.speculations.labels("wasted").inc(self.session.speculations_wasted)
             self.finished.set()
             logger.info(
-                "stream %s closed (%s): %.1f s of audio, %d segment(s)",
+                "stream %s closed (%s): %.1f s of audio, %d segment(s)%s",
                 self.session.identity.request_id,
                 self._outcome,
                 self.session.audio_duration_s,
                 self.session.segments_finalized,
+                f", spooled up to {self.spool.peak_bytes / 2**20:.1f} MiB" if self.spool.peak_bytes else "",
             )
+
+    @property
+    def bulk(self) -> bool:
+        """The client sends faster than real time (an upload): its finals yield to live streams'."""
+        return self.session.audio_duration_s > time.monotonic() - self._opened_s + BULK_LEAD_S
 
     async def _read_loop(self) -> None:
         idle_timeout = self.server.config.limits.idle_timeout_s
         metrics = self.server.metrics
         while not self.ws.closed:
-            await self.room.wait()
-            timeout = None if self.session.closing else idle_timeout
+            await self.room.wait()  # cleared only while the spool is full (or failed)
+            waiting = self.session.closing or self.spool.pending or self._held is not None
             try:
-                msg = await asyncio.wait_for(self.ws.receive(), timeout)
-            except TimeoutError:
+                msg = await asyncio.wait_for(self.ws.receive(), None if waiting else idle_timeout)
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
                 self.session.receive_idle_timeout()
                 self.after_input()
                 continue
             if msg.type == WSMsgType.BINARY:
                 data: bytes = msg.data
                 metrics.audio_seconds.inc(len(data) / self._bytes_per_second)
-                self.session.receive_audio(data)
+                self._take(BINARY, data)
             elif msg.type == WSMsgType.TEXT:
-                self.session.receive_text(msg.data)
+                self._take(TEXT, msg.data)
             else:  # CLOSE, CLOSING, CLOSED, ERROR: the client (or the close we started) ends it
                 if msg.type == WSMsgType.ERROR:
                     logger.info("stream %s: socket error: %s", self.session.identity.request_id, msg.data)
                 break
             self.after_input()
 
+    def _has_room(self) -> bool:
+        return self.session.pending_finals < self.server.config.limits.max_pending_finals
+
+    def _take(self, kind: int, data: bytes | str) -> None:
+        """A message from the socket: to the session now, or behind what already waits."""
+        if self._held is None and not self.spool.pending and self._has_room():
+            self._feed(kind, data)
+            return
+        payload = data if isinstance(data, bytes) else data.encode()
+        if self._held is None and self.spool.push(kind, payload):
+            return
+        # The spool is full (or the disk failed): keep this one message and stop reading until room.
+        self._held = (kind, data)
+        self.room.clear()
+        logger.info(
+            "stream %s: spool full (%.0f MiB); not reading until the model catches up",
+            self.session.identity.request_id,
+            self.spool.bytes_waiting / 2**20,
+        )
+
+    def _feed(self, kind: int, data: bytes | str) -> None:
+        if kind == BINARY:
+            self.session.receive_audio(data if isinstance(data, bytes) else data.encode())
+        else:
+            self.session.receive_text(data if isinstance(data, str) else data.decode())
+        self._dispatch_jobs()
+
     def after_input(self) -> None:
-        """Hand new jobs to the batcher and wake the writer (call after every ``receive_*``)."""
+        """Hand new jobs to the batcher, feed the session from the spool while it has room, and wake the
+        writer (call after every ``receive_*``)."""
+        self._dispatch_jobs()
+        while self._has_room() and not self.session.close:
+            popped = self.spool.pop()
+            if popped is not None:
+                kind, payload = popped
+                self._feed(kind, payload)
+            elif self._held is not None:
+                kind, data = self._held
+                self._held = None
+                self._feed(kind, data)
+                self.room.set()
+            else:
+                break
+        self.wake.set()
+
+    def _dispatch_jobs(self) -> None:
         now = time.monotonic()
         for segment_id in self.session.segments_closed():
             self._final_started[segment_id] = now
@@ -453,18 +644,14 @@ class _Connection:
                 task.cancel()  # a speculation that speech overtook: if still queued, it never runs
         for job in self.session.jobs_to_run():
             self._dispatch(job)
-        if self.session.pending_finals >= self.server.config.limits.max_pending_finals:
-            self.room.clear()
-        else:
-            self.room.set()
-        self.wake.set()
 
     def _dispatch(self, job: Job) -> None:
         batcher = self.server.batcher
         assert batcher is not None
         loop = asyncio.get_running_loop()
         if job.kind is JobKind.FINAL:
-            self._tasks[job.job_id] = loop.create_task(self._run(job, batcher.submit_final(job.request)))
+            pending = batcher.submit_final(job.request, bulk=self.bulk)
+            self._tasks[job.job_id] = loop.create_task(self._run(job, pending))
             return
         if job.kind is JobKind.SPECULATIVE:
             future = batcher.submit_speculative(job.request)
@@ -514,8 +701,14 @@ class _Connection:
                     if event.is_final:
                         metrics.segments_finalized.inc()
                         started = self._final_started.pop(event.segment_id, None)
+                        now = time.monotonic()
                         if started is not None:
-                            metrics.final_latency_seconds.observe(time.monotonic() - started)
+                            metrics.final_latency_seconds.observe(now - started)
+                        capacity = self.server.capacity
+                        if capacity is not None and not self.bulk:  # an upload's backlog is no latency
+                            capacity.observe_final(self, now, event.duration_s)
+                            if started is not None:
+                                capacity.observe_latency(now, now - started)
                     else:
                         metrics.interims_sent.inc()
                 elif isinstance(event, Error):

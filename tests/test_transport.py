@@ -251,6 +251,52 @@ async def test_capacity_limit_gives_503() -> None:
             assert json.loads(info.value.response.body or b"{}")["code"] == "AT_CAPACITY"
 
 
+async def test_measured_capacity_refuses_the_stream_too_many_and_health_says_so() -> None:
+    """With the engine's speed known, streams are admitted up to the capacity /health reports; the next
+    gets 503 AT_CAPACITY with Retry-After; closing one frees its seat. Admitted streams keep working."""
+    config = Config(limits=LimitsConfig(target_latency_ms=1000, idle_timeout_s=30))
+    async with running_server(FakeEngine(), config) as (server, url):
+        assert server.capacity is not None
+        # A model that takes 0.05 s + 0.05 s per second of audio, on one worker.
+        server.capacity.calibrate([(x, 0.05 + 0.05 * x) for x in (1.0, 2.0, 4.0, 8.0)] * 2)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{http_url(url)}/health") as response:
+                health = await response.json()
+            capacity = health["capacity"]
+            assert capacity["accepting"] is True and capacity["workers"] == 1
+            assert capacity["call_s"] == {"fixed": 0.05, "per_audio_second": 0.05}
+            seats = capacity["sessions_left"]
+            assert 1 <= seats == capacity["capacity_sessions"] <= 20
+            streams = [await connect(f"{url}/v1/listen") for _ in range(seats)]
+            try:
+                with pytest.raises(InvalidStatus) as info:
+                    await connect(f"{url}/v1/listen")
+                assert info.value.response.status_code == 503
+                assert info.value.response.headers["Retry-After"] == "5"
+                body = json.loads(info.value.response.body or b"{}")
+                assert body["code"] == "AT_CAPACITY" and "latency target" in body["description"]
+                async with http.get(f"{http_url(url)}/health") as response:
+                    full = (await response.json())["capacity"]
+                assert (full["accepting"], full["sessions_left"]) == (False, 0)
+                async with http.get(f"{http_url(url)}/metrics") as response:
+                    metrics = await response.text()
+                assert "stream_capacity_sessions_left 0.0" in metrics
+                assert 'stream_sessions_rejected_total{reason="capacity"} 1.0' in metrics
+                # An admitted stream still transcribes.
+                await streams[0].send(TWO_SEGMENTS)
+                await streams[0].send(json.dumps({"type": "CloseStream"}))
+                result = await collect(streams[0])
+                assert len(result.finals()) == 2 and result.close_code == 1000
+                deadline = time.monotonic() + scaled(5)
+                while len(server.connections) >= seats and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                again = await connect(f"{url}/v1/listen")
+                streams.append(again)
+            finally:
+                for ws in streams:
+                    await ws.close()
+
+
 async def test_engine_failure_becomes_segment_error_and_stream_continues() -> None:
     """A segment the model fails on becomes an Error with its span; the next segment still gets a final."""
     engine = FakeEngine(fail_when=lambda r: len(r.audio) > 40000)
@@ -284,20 +330,23 @@ async def test_client_vanishing_mid_segment_leaves_server_healthy() -> None:
             pass
 
 
-async def test_fast_client_is_slowed_by_backpressure_not_buffered() -> None:
-    """A client far faster than the model has at most max_pending_finals waiting and loses nothing."""
+async def test_fast_client_keeps_pending_finals_bounded_and_loses_nothing() -> None:
+    """A client far faster than the model has at most max_pending_finals waiting, the rest waits in the
+    spool, and every segment still gets its final, in order."""
     engine = FakeEngine(delay_s=0.05)
     config = Config(limits=LimitsConfig(max_pending_finals=2), batch=BatchConfig(max_batch_size=1))
     burst = np.concatenate([silence(300), tone(700), silence(600)])
     audio = pcm16(np.concatenate([burst] * 30))
     async with running_server(engine, config) as (server, url):
         peak = 0
+        spooled = 0
 
         async def watch() -> None:
-            nonlocal peak
+            nonlocal peak, spooled
             while True:
                 for conn in list(server.connections):
                     peak = max(peak, conn.session.pending_finals)
+                    spooled = max(spooled, conn.spool.bytes_waiting)
                 await asyncio.sleep(0.005)
 
         watcher = asyncio.ensure_future(watch())
@@ -305,8 +354,48 @@ async def test_fast_client_is_slowed_by_backpressure_not_buffered() -> None:
         watcher.cancel()
     assert len(result.finals()) == 30
     assert peak <= 2 + 1  # the frame being processed may close one more segment
+    assert spooled > 0, "the audio ahead of the model waited in the spool"
     starts = [f["start"] for f in result.finals()]
     assert starts == sorted(starts)
+
+
+SEGMENTS_30 = pcm16(np.concatenate([np.concatenate([silence(300), tone(400), silence(700)])] * 30))
+
+
+async def stream_with_keepalive(url: str, ping_s: float) -> tuple[int | None, int]:
+    """Send 30 segments unpaced with websockets' keepalive on (ping every ping_s, pong due within ping_s
+    x 2, as the library's 20 s / 20 s default scaled down); return the close code and finals received."""
+    async with connect(url, max_size=None, ping_interval=ping_s, ping_timeout=2 * ping_s) as ws:
+        reader = asyncio.ensure_future(collect(ws, 60))
+        for i in range(0, len(SEGMENTS_30), 3200):
+            await ws.send(SEGMENTS_30[i : i + 3200])
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        result = await reader
+    return result.close_code, len(result.finals())
+
+
+async def test_a_fast_client_with_keepalive_is_never_dropped() -> None:
+    """Streaming unpaced far ahead of a slow model, a client whose keepalive pings must be answered
+    within 0.6 s finishes normally with every final: the socket is read all along, so its pings are
+    answered while its audio waits in the spool (4.5 s of model work)."""
+    engine = FakeEngine(delay_s=0.15)
+    config = Config(limits=LimitsConfig(max_pending_finals=1), batch=BatchConfig(max_batch_size=1))
+    async with running_server(engine, config) as (_, url):
+        close_code, finals = await stream_with_keepalive(f"{url}/v1/listen", 0.3)
+    assert (close_code, finals) == (1000, 30)
+
+
+async def test_without_the_spool_tcp_backpressure_starves_the_keepalive() -> None:
+    """The mechanism the spool replaces: with max_spool_mb 0 the server stops reading, the client's ping
+    waits behind its own audio in the socket buffers, and websockets gives up on the stream (1011
+    "keepalive ping timeout", or 1006 when even its close frame cannot get through)."""
+    engine = FakeEngine(delay_s=0.15)
+    config = Config(
+        limits=LimitsConfig(max_pending_finals=1, max_spool_mb=0), batch=BatchConfig(max_batch_size=1)
+    )
+    async with running_server(engine, config) as (_, url):
+        close_code, finals = await stream_with_keepalive(f"{url}/v1/listen", 0.3)
+    assert close_code in (1006, 1011) and finals < 30
 
 
 async def test_concurrent_streams_do_not_cross_talk() -> None:
