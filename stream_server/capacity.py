@@ -50,6 +50,7 @@ class CapacitySettings:
             the pause instead of at its end.
         speech_ratio: share of a typical stream's time that is speech (a two-party conversation: 0.5).
         segment_s: mean length of a typical stream's segments.
+        max_segment_s: no segment is longer (the session core cuts it).
         quantile: the share of finals that must meet the target (0.95).
         min_history_s: a stream's own demand counts once it has been open this long.
         window_s: window of the streams' demand, the call times and the finals' latency.
@@ -61,6 +62,7 @@ class CapacitySettings:
     speculative_s: float = 0.2
     speech_ratio: float = 0.5
     segment_s: float = 3.0
+    max_segment_s: float = 20.0
     quantile: float = 0.95
     min_history_s: float = 30.0
     window_s: float = 60.0
@@ -252,8 +254,12 @@ class CapacityModel:
             p95 = times[min(len(times) - 1, int(math.ceil(0.95 * len(times))) - 1)]
             return mean, (var / (mean * mean) if mean > 0 else 1.0), p95
         s = self.settings
-        # Segments of a conversation: roughly exponential lengths, so p95 is about 3 means.
-        return self.speed.call_s(s.segment_s), 1.0, self.speed.call_s(3 * s.segment_s)
+        # Segments of a conversation have roughly exponential lengths (standard deviation = mean, p95
+        # about three means), so the call time's spread is the per-second part's share of it.
+        a, b = self.speed.coefficients
+        mean = a + b * s.segment_s
+        cv2 = (b * s.segment_s / mean) ** 2 if mean > 0 else 1.0
+        return mean, cv2, self.speed.call_s(min(3 * s.segment_s, s.max_segment_s))
 
     def max_load(self, now_s: float) -> float:
         """ρ_max: the highest utilization at which the target quantile of finals meets the target."""

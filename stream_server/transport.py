@@ -233,6 +233,7 @@ class Server:
             speculative_s=seg.speculative_final_ms / 1000,
             speech_ratio=limits.typical_speech_ratio,
             segment_s=limits.typical_segment_ms / 1000,
+            max_segment_s=seg.max_segment_ms / 1000,
         )
 
     def _on_batch(self, report: BatchReport) -> None:

@@ -160,6 +160,6 @@ def test_measured_call_times_replace_the_prior_and_interims_do_not_count() -> No
         m.observe_call(float(i), audio_s=8.0, seconds=5.0, size=1, interim=True)
     mean, cv2, p95 = m.service_stats(40.0)
     assert (mean, p95) == (pytest.approx(0.08), pytest.approx(0.08)) and cv2 == pytest.approx(0.0, abs=1e-9)
-    assert prior[1] == 1.0
+    assert prior[1] == pytest.approx((0.03 * 3 / (0.02 + 0.03 * 3)) ** 2)  # exponential segment lengths
     assert m.speed.call_s(8.0) < 1.0
     assert m.state(40.0).utilization == pytest.approx(40 * 0.08 / 40, rel=0.1)
