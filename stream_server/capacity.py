@@ -43,7 +43,8 @@ class CapacitySettings:
 
     Attributes:
         workers: engine calls that run at once.
-        target_latency_s: end of speech to final, endpointing included; 0 turns admission by capacity off.
+        admission: refuse streams beyond capacity (false: only report it).
+        target_latency_s: end of speech to final, endpointing included.
         endpointing_s: the server's default endpointing silence (the part of the target the model
             cannot use).
         speculative_s: when speculative finals start (0: off); the model may then start this long into
@@ -57,6 +58,7 @@ class CapacitySettings:
     """
 
     workers: int = 1
+    admission: bool = True
     target_latency_s: float = 1.0
     endpointing_s: float = 0.5
     speculative_s: float = 0.2
@@ -69,7 +71,7 @@ class CapacitySettings:
 
     @property
     def enabled(self) -> bool:
-        return self.target_latency_s > 0
+        return self.admission
 
     @property
     def model_budget_s(self) -> float:

@@ -248,9 +248,11 @@ class LimitsConfig:
         max_pending_finals: finals of one stream waiting for the model before the server stops feeding
             that stream's audio to its session; what the client sends meanwhile goes to the spool.
         max_session_s: longest stream in seconds of audio, 0 for no limit.
-        target_latency_ms: end of speech to final (endpointing included) that admission protects: a
-            new stream is refused with 503 when serving it would push finals past this, by the
-            engine's measured speed and the open streams' load; 0 admits up to max_sessions.
+        admission: refuse a new stream (HTTP 503 AT_CAPACITY) when serving it would push finals past
+            ``target_latency_ms``, by the engine's measured speed and the open streams' load; false
+            admits up to max_sessions.
+        target_latency_ms: end of speech to final (endpointing included) that admission protects; 0
+            means the engine's own: 1000 for SenseVoice, 1500 for the faster-whisper fallback.
         typical_speech_ratio: share of speech assumed for a stream admission knows nothing about yet
             (a new one, or a quiet one: it keeps its seat for when it speaks).
         typical_segment_ms: mean segment length assumed for such a stream.
@@ -267,7 +269,8 @@ class LimitsConfig:
     max_client_errors: int = 16
     max_pending_finals: int = 4
     max_session_s: float = 0.0
-    target_latency_ms: int = 1000
+    admission: bool = True
+    target_latency_ms: int = 0
     typical_speech_ratio: float = 0.5
     typical_segment_ms: int = 3000
     max_spool_mb: int = 1024
@@ -283,7 +286,7 @@ class LimitsConfig:
         _check(
             self.target_latency_ms == 0 or 100 <= self.target_latency_ms <= 60000,
             "target_latency_ms",
-            "must be 0 (off) or 100..60000",
+            "must be 0 (the engine's default) or 100..60000",
         )
         _check(0 < self.typical_speech_ratio <= 1, "typical_speech_ratio", "must be in (0, 1]")
         _check(100 <= self.typical_segment_ms <= 60000, "typical_segment_ms", "must be 100..60000")

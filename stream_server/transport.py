@@ -56,6 +56,11 @@ FAILED = "failed"
 BULK_LEAD_S = 5.0
 """A stream whose audio runs this far ahead of the wall clock is an upload, not a live stream."""
 
+DEFAULT_TARGET_LATENCY_MS = 1000
+"""End of speech to final that admission protects with SenseVoice (endpointing included)."""
+FALLBACK_TARGET_LATENCY_MS = 1500
+"""The same for the faster-whisper fallback: a slower model, judged by a looser target (issue 7)."""
+
 RETRY_AFTER_CAPACITY_S = 5
 """``Retry-After`` on a refusal at capacity: streams end and quiet ones are re-measured within seconds."""
 
@@ -218,17 +223,26 @@ class Server:
             a,
             b,
             state.capacity_sessions if self.capacity.typical_demand() > 0 else "unlimited",
-            self.config.limits.target_latency_ms,
+            self.target_latency_ms,
             100 * self.config.limits.typical_speech_ratio,
             self.config.limits.typical_segment_ms / 1000,
-            "" if self.config.limits.target_latency_ms else " (admission by capacity is off)",
+            "" if self.config.limits.admission else " (admission by capacity is off)",
         )
+
+    @property
+    def target_latency_ms(self) -> int:
+        """The latency admission protects: the configured one, or the engine's own default."""
+        if self.config.limits.target_latency_ms:
+            return self.config.limits.target_latency_ms
+        name = self.engine.info.name if self.engine is not None else ""
+        return FALLBACK_TARGET_LATENCY_MS if name.startswith("faster-whisper") else DEFAULT_TARGET_LATENCY_MS
 
     def _capacity_settings(self, workers: int) -> CapacitySettings:
         seg, limits = self.config.segmenter, self.config.limits
         return CapacitySettings(
             workers=workers,
-            target_latency_s=limits.target_latency_ms / 1000,
+            admission=limits.admission,
+            target_latency_s=self.target_latency_ms / 1000,
             endpointing_s=seg.endpointing_ms / 1000,
             speculative_s=seg.speculative_final_ms / 1000,
             speech_ratio=limits.typical_speech_ratio,
@@ -261,7 +275,8 @@ class Server:
             "load": round(state.load, 3) if math.isfinite(state.load) else None,
             "utilization": round(state.utilization, 3),
             "max_utilization": round(state.max_load, 3),
-            "target_latency_ms": self.config.limits.target_latency_ms,
+            "target_latency_ms": self.target_latency_ms,
+            "admission": self.config.limits.admission,
             "final_p95_ms": None if state.final_p95_s is None else round(1000 * state.final_p95_s),
             "workers": self.batcher.workers if self.batcher is not None else 0,
             "call_s": {"fixed": round(a, 4), "per_audio_second": round(b, 4)},
@@ -450,7 +465,7 @@ class Server:
             )
         assert self.capacity is not None
         now = time.monotonic()
-        if self.config.limits.target_latency_ms:
+        if self.config.limits.admission:
             state = self.capacity.state(now)
             if not state.accepting:
                 self.metrics.sessions_rejected.labels("capacity").inc()
@@ -459,7 +474,7 @@ class Server:
                     503,
                     "AT_CAPACITY",
                     "The server is at its measured capacity: one more stream would push finals past "
-                    f"its {self.config.limits.target_latency_ms} ms latency target. Retry shortly or use "
+                    f"its {self.target_latency_ms} ms latency target. Retry shortly or use "
                     "another server.",
                     **{"Retry-After": str(RETRY_AFTER_CAPACITY_S)},
                 )

@@ -138,8 +138,8 @@ def test_one_stream_is_served_even_when_the_target_is_out_of_reach() -> None:
 
 
 def test_admission_off_accepts_everything_and_unknown_speed_refuses_nothing() -> None:
-    """target_latency 0 turns refusals off; before any calibration nothing is refused either."""
-    off = CapacityModel(CapacitySettings(target_latency_s=0.0))
+    """admission off turns refusals off; before any calibration nothing is refused either."""
+    off = CapacityModel(CapacitySettings(admission=False))
     off.calibrate(CALIBRATION)
     for k in range(100):
         off.open(k, 0.0)

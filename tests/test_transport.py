@@ -254,7 +254,7 @@ async def test_capacity_limit_gives_503() -> None:
 async def test_measured_capacity_refuses_the_stream_too_many_and_health_says_so() -> None:
     """With the engine's speed known, streams are admitted up to the capacity /health reports; the next
     gets 503 AT_CAPACITY with Retry-After; closing one frees its seat. Admitted streams keep working."""
-    config = Config(limits=LimitsConfig(target_latency_ms=1000, idle_timeout_s=30))
+    config = Config(limits=LimitsConfig(idle_timeout_s=30))
     async with running_server(FakeEngine(), config) as (server, url):
         assert server.capacity is not None
         # A model that takes 0.05 s + 0.05 s per second of audio, on one worker.
