@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import wave
@@ -13,13 +14,19 @@ import pytest
 
 from stream_server.testing import speech
 from stream_server.testing.speech import (
+    MEETING_CLIPS,
     RECORDED_SPEECH,
+    SpeakerTurn,
     SpeechToolError,
+    TranscriptTurn,
     espeak_wav,
     normalize_text,
     read_mono_float32,
     read_wav,
+    recorded_speaker_turns,
     recorded_speech,
+    recorded_text,
+    recorded_transcript,
     sentence_spans,
     speech_with_pauses,
     word_error_rate,
@@ -255,3 +262,85 @@ def test_normalize_text_rules() -> None:
         "thousand",
         "quoted",
     ]
+
+
+# --- pyannote.audio recordings: dialogue with transcript, meeting clips -----------------------------
+
+
+def test_recorded_dialogue_is_30_s_with_a_timed_transcript() -> None:
+    """The telephone dialogue is 30 s of 16 kHz mono, and its STM transcript comes with it, in order."""
+    path = recorded_speech("dialogue")
+    samples, rate_hz, channels = read_wav(path)
+    assert (rate_hz, channels, len(samples)) == (16000, 1, 30 * 16000)
+    assert speech._sha256(path) == RECORDED_SPEECH["dialogue"].sha256
+    turns = recorded_transcript("dialogue")
+    assert len(turns) == 13
+    assert turns[0] == TranscriptTurn("Diane", 6.68, 7.16, "Hello?")
+    assert {t.speaker for t in turns} == {"Diane", "Sheila"}
+    assert all(a.start_s <= b.start_s for a, b in zip(turns, turns[1:], strict=False))
+    assert all(0 < t.start_s < t.end_s <= 30.0 for t in turns)
+    text = recorded_text("dialogue")
+    assert "This is Diane in New Jersey." in text
+    assert len(normalize_text(text)) == sum(len(normalize_text(t.text)) for t in turns)
+
+
+def test_meeting_clips_are_converted_from_float_to_16_bit() -> None:
+    """Each AMI clip (32-bit float in the sdist) is cached as 16-bit PCM, 30 s, with its checked SHA-256."""
+    assert len(MEETING_CLIPS) == 14
+    for name in MEETING_CLIPS:
+        path = recorded_speech(name)
+        samples, rate_hz, channels = read_wav(path)
+        assert (rate_hz, channels, len(samples)) == (16000, 1, 480001), name
+        assert 1000 < np.abs(samples.astype(np.int32)).max() < 32767, name
+        assert speech._sha256(path) == RECORDED_SPEECH[name].sha256
+
+
+def test_speaker_turns_of_the_dialogue_and_a_meeting() -> None:
+    """RTTM speaker turns come back per recording, sorted, inside the recording."""
+    dialogue = recorded_speaker_turns("dialogue")
+    assert len(dialogue) == 10 and {t.speaker for t in dialogue} == {"speaker90", "speaker91"}
+    assert dialogue[0] == SpeakerTurn("speaker90", 6.69, 7.12)
+    meeting = recorded_speaker_turns("meeting-trn00")  # the sdist spells this clip "trñ00"
+    assert len(meeting) == 14
+    assert all(0 <= t.start_s < t.end_s <= 30.0 for t in meeting)
+    assert all(a.start_s <= b.start_s for a, b in zip(meeting, meeting[1:], strict=False))
+
+
+def test_annotations_only_where_there_are_some() -> None:
+    """Asking for a transcript or turns a recording lacks raises KeyError naming the ones that have them."""
+    with pytest.raises(KeyError, match="dialogue"):
+        recorded_transcript("lecture")
+    with pytest.raises(KeyError, match="meeting-dev00"):
+        recorded_speaker_turns("news")
+
+
+def _float_wav(values: list[float], *, extensible: bool = False, odd_chunk: bool = False) -> bytes:
+    data = np.asarray(values, dtype="<f4").tobytes()
+    if extensible:
+        fmt = struct.pack("<HHIIHHHHIH14s", 0xFFFE, 1, 16000, 64000, 4, 32, 22, 32, 4, 3, b"\x00" * 14)
+    else:
+        fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    if odd_chunk:
+        chunks += b"LIST" + struct.pack("<I", 3) + b"abc\x00"  # odd size, padded to even
+    chunks += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+@pytest.mark.parametrize(("extensible", "odd_chunk"), [(False, False), (True, False), (False, True)])
+def test_float_wav_conversion_clips_scales_and_rounds(extensible: bool, odd_chunk: bool) -> None:
+    """32-bit float samples become int16: clipped to [-1, 1], scaled by 32767, rounded."""
+    pcm = speech._float_wav_to_int16(
+        _float_wav([0.0, 0.25, -1.5, 1.0, -0.00001], extensible=extensible, odd_chunk=odd_chunk), "x.wav"
+    )
+    assert pcm.dtype == np.int16
+    assert pcm.tolist() == [0, 8192, -32767, 32767, 0]
+
+
+def test_float_wav_conversion_refuses_other_formats(tmp_path: Path) -> None:
+    """A 16-bit PCM file, or something that is not a WAV file, is refused with a SpeechToolError."""
+    pcm_path = write_wav(tmp_path / "pcm.wav", np.zeros(10, dtype=np.int16))
+    with pytest.raises(SpeechToolError, match="32-bit float"):
+        speech._float_wav_to_int16(pcm_path.read_bytes(), "pcm.wav")
+    with pytest.raises(SpeechToolError, match="RIFF"):
+        speech._float_wav_to_int16(b"not a wave file", "junk.wav")
