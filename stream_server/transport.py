@@ -43,7 +43,7 @@ from .metrics import Metrics
 from .protocol import Error, ModelInfo, Results, StreamOptions, parse_options, serialize
 from .session import Job, JobKind, Session, SessionIdentity, SessionSettings
 from .spool import BINARY, TEXT, Spool
-from .vad import FrameVad, WebRtcVad
+from .vad import FrameVad, MinSpeechRun, NoiseGate, WebRtcVad
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +110,31 @@ def web_dir() -> Path | None:
 def default_vad_factory(config: Config) -> Callable[[], FrameVad]:
     """The per-session VAD the config asks for."""
     seg = config.segmenter
+    base: Callable[[], FrameVad]
     if seg.vad == "fsmn":
         from .fsmn_vad import FsmnVadModel
 
-        model = FsmnVadModel.load(threads=1)
-        return lambda: model.session_vad(frame_ms=seg.frame_ms, chunk_ms=seg.fsmn_chunk_ms)
-    return lambda: WebRtcVad(seg.vad_aggressiveness, seg.frame_ms, seg.min_energy_dbfs)
+        fsmn = FsmnVadModel.load(threads=1)
+        return lambda: fsmn.session_vad(frame_ms=seg.frame_ms, chunk_ms=seg.fsmn_chunk_ms)
+    if seg.vad == "silero":
+        from .silero_vad import SileroVadModel
+
+        silero = SileroVadModel.load(threads=1)  # one ONNX Runtime session, shared by every stream
+        base = lambda: silero.session_vad(frame_ms=seg.frame_ms, threshold=seg.silero_threshold)  # noqa: E731
+    else:
+        base = lambda: WebRtcVad(seg.vad_aggressiveness, seg.frame_ms, seg.min_energy_dbfs)  # noqa: E731
+
+    def build() -> FrameVad:
+        # The gate and the blip filter (load_tests/vad_lag.py measures both): speech ends where the
+        # level falls back to the room's, and a click in a pause does not restart the endpointing.
+        vad: FrameVad = base()
+        if seg.noise_floor_margin_db > 0:
+            vad = NoiseGate(vad, margin_db=seg.noise_floor_margin_db)
+        if seg.min_speech_run_frames > 1:
+            vad = MinSpeechRun(vad, min_frames=seg.min_speech_run_frames)
+        return vad
+
+    return build
 
 
 class Server:
