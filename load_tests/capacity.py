@@ -1,22 +1,31 @@
 """Capacity: how many concurrent real-time sessions one server holds with p95 final latency under 1 s.
 
 Starts the server once as a subprocess on 127.0.0.1 and sweeps the number of concurrent sessions N
-(1, 2, 4, 6, 8, 12, 16, 24, ... up to ``--max-n``). In each step every session streams espeak-ng
-sentences with pauses of varied length (0.8-3 s, each session its own order and its own place in the
-loop) at real-time pace in 100 ms chunks; sessions connect staggered over the first seconds so they do
-not speak in lockstep, and all of them stream until the step ends. Only what happens while all N stream
-is counted. Per N it prints the end-of-speech-to-final latency (p50/p95/p99, from ground-truth sentence
+(1, 2, 4, 6, 8, 12, 16, 24, ... up to ``--max-n``). In each step every session streams its own order of
+the material at real-time pace in 100 ms chunks: by default (``--material call``) one side of a
+conversation made of **real recorded utterances** (the pyannote telephone call and AMI meeting clips,
+``common.recorded_conversation``) with pauses of 1-4 s filled with the recordings' own background
+noise; ``--material mix`` streams the recordings as they are, ``--material espeak`` synthetic sentences
+with digital silence (0.8-3 s pauses). Latency is measured from the true end of each utterance
+(``stream_server.testing.truth``). Sessions connect staggered over the first seconds so they do not speak
+in lockstep, and all of them stream until the step ends. Only what happens while all N stream is counted.
+
+The server runs with admission by capacity off (``--admission false``), so every N is admitted and
+the sweep measures what the server really holds; each row also prints what admission *would* allow
+(``adm cap``: ``capacity_sessions`` from ``/health`` at the end of the step), to check the model against
+the measurement. Per N it prints the end-of-speech-to-final latency (p50/p95/p99, from ground-truth sentence
 ends, endpointing included), interim latency when ``--interim``, server CPU (100 % = one core) and RSS,
 the mean batch size and mean model-call time of finals (from ``/metrics``), segments, errors and the
 load average. The sweep stops at the first N whose p95 reaches ``--target-s`` (1 s; ``--stop-s`` to go
 on further) or that has errors; it then prints the largest N under the target and re-runs half that N,
 printing its percentiles.
 
-Endpointing defaults to 300 ms (what a voice or captions client asks for; Deepgram's own guide suggests
-about that for conversations), interim results to off. Typical runs::
+Endpointing is the server's default (500 ms) unless ``--endpointing`` is given, interim results off.
+Typical runs::
 
-    python load_tests/capacity.py --model /tmp/sv-full --dtype fp32 --interim
-    python load_tests/capacity.py --model /tmp/sv-full --dtype int8 --interim
+    python load_tests/capacity.py --model /tmp/sv-full                      # default backend (ONNX int8)
+    python load_tests/capacity.py --model /tmp/sv-full --backend torch --dtype int8
+    python load_tests/capacity.py --model /tmp/sv-full --workers 1 --threads 2 --interim
 
 The client runs in this process on the same machine, so its CPU (printed) competes with the server's.
 """
@@ -63,6 +72,7 @@ class StepResult:
     infer_mean_s: float = math.nan
     load: str = ""
     window_s: float = 0.0
+    admission_capacity: float = math.nan
 
     @property
     def p95(self) -> float:
@@ -78,7 +88,8 @@ def header(interim: bool) -> str:
         cols += f" {'interims':>8} {'int p50':>7} {'p95':>6} {'skipped':>7}"
     return (
         cols
-        + f" {'srv CPU%':>8} {'cli CPU%':>8} {'RSS MB':>7} {'batch':>5} {'infer s':>7} {'errors':>6}  load"
+        + f" {'srv CPU%':>8} {'cli CPU%':>8} {'RSS MB':>7} {'batch':>5} {'infer s':>7} {'adm cap':>7}"
+        + f" {'errors':>6}  load"
     )
 
 
@@ -95,7 +106,7 @@ def row(step: StepResult, interim: bool) -> str:
         )
     return text + (
         f" {step.server_cpu:>8.0f} {step.client_cpu:>8.0f} {step.rss_max_mb:>7.0f} {step.batch_mean:>5.2f}"
-        f" {common.fmt_s(step.infer_mean_s):>7}"
+        f" {common.fmt_s(step.infer_mean_s):>7} {step.admission_capacity:>7.0f}"
         f" {len(step.errors):>6}  {step.load}"
     )
 
@@ -136,8 +147,9 @@ async def run_step(
         )
     results = await asyncio.gather(*tasks)
     after = common.scrape_metrics(server)
+    admission = common.metric(after, "stream_capacity_sessions")
     server.check_alive()
-    step = StepResult(n=n, load=common.loadavg(), window_s=step_s)
+    step = StepResult(n=n, load=common.loadavg(), window_s=step_s, admission_capacity=admission)
     for r in results:
         step.final_s += [
             x for x, t in zip(r.final_latencies_s, r.final_speech_end_wall_s, strict=True) if t >= window[0]
@@ -172,11 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a SenseVoice folder, or tiny.en")
-    parser.add_argument("--dtype", default="fp32", choices=("auto", "fp32", "int8"))
-    parser.add_argument("--threads", type=int, default=0, help="model threads (0: every core)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "int8"))
+    parser.add_argument("--backend", default=None, choices=("auto", "onnx", "torch"), help="server default")
+    parser.add_argument("--workers", type=int, default=None, help="engine workers (server default)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per worker (0: cores / workers)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=int, default=10)
-    parser.add_argument("--endpointing", type=int, default=300, help="client endpointing, ms")
+    parser.add_argument(
+        "--endpointing", type=int, default=None, help="client endpointing, ms (default: the server's 500)"
+    )
+    parser.add_argument("--material", default="call", choices=common.MATERIALS, help="what each session says")
     parser.add_argument("--interim", action="store_true", help="ask for interim results too")
     parser.add_argument("--step-seconds", type=float, default=60.0, help="measured seconds per step")
     parser.add_argument(
@@ -205,22 +222,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         ns, step_s, stagger_s, min_segments = [1, 2], 5.0, 0.5, 0
     model = ensure_model(args.model)
+    endpointing_ms = args.endpointing or 500
     if args.quick:
         materials = [common.conversation(QUICK_SENTENCES, pauses_s=(0.8,), seed=j) for j in range(2)]
     else:
-        materials = [common.conversation(seed=j) for j in range(8)]
+        materials = [common.material(args.material, seed=j, min_pause_ms=endpointing_ms) for j in range(8)]
     cycle_s = statistics.mean(m.duration_s / len(m.spans) for m in materials)
-    params: dict[str, object] = {"endpointing": args.endpointing, "punctuate": True}
+    params: dict[str, object] = {"punctuate": True}
+    if args.endpointing:
+        params["endpointing"] = args.endpointing
     if args.interim:
         params["interim_results"] = True
     server_args = common.server_args(
-        args, model, "--max-wait-ms", str(args.max_wait_ms), "--max-sessions", str(max(ns) + 4)
+        args,
+        model,
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-sessions",
+        str(max(ns) + 4),
+        "--admission",
+        "false",
     )
     print(
-        f"material: {len(materials)} loops of {len(materials[0].spans)} sentences with 0.8-3 s pauses, "
+        f"material: {args.material if not args.quick else 'espeak'}, {len(materials)} orders of "
+        f"{len(materials[0].spans)} utterances, "
         f"{materials[0].duration_s:.0f} s each, speech {100 * materials[0].speech_ratio:.0f} %, "
-        f"one sentence per {cycle_s:.1f} s; real time, {args.chunk_ms} ms chunks; endpointing "
-        f"{args.endpointing} ms; interim results {'on' if args.interim else 'off'}; "
+        f"one utterance per {cycle_s:.1f} s; real time, {args.chunk_ms} ms chunks; endpointing "
+        f"{endpointing_ms} ms; interim results {'on' if args.interim else 'off'}; "
         f"steps of {step_s:g} s (longer for small N: >= {min_segments} segments), "
         f"staggered over {stagger_s:g} s"
     )
@@ -230,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = server.health.get("model", {})
         print(
             f"ready in {server.ready_s:.1f} s: {info.get('name')} {info.get('dtype')} "
-            f"on {info.get('device')}, "
-            f"{info.get('threads', '?')} threads, max batch {info.get('max_batch_size')}; "
+            f"({info.get('backend', '-')}) on {info.get('device')}, "
+            f"{info.get('workers', '1')} worker(s) x {info.get('threads', '?')} threads, "
+            f"max batch {info.get('max_batch_size')}; "
             f"RSS {common.rss_mb(server.pid):.0f} MB; load average {common.loadavg()}"
         )
         sampler = common.ProcessSampler(server.pid, interval_s=1.0).start()

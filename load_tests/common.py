@@ -52,7 +52,17 @@ import numpy.typing as npt
 import psutil
 
 from stream_server.client import listen_url
-from stream_server.testing.speech import read_wav, sentence_spans, speech_with_pauses
+from stream_server.testing.speech import (
+    MEETING_CLIPS,
+    RECORDED_SPEECH,
+    read_wav,
+    recorded_speaker_turns,
+    recorded_speech,
+    recorded_transcript,
+    sentence_spans,
+    speech_with_pauses,
+)
+from stream_server.testing.truth import frame_levels_db, speech_runs
 
 SAMPLE_RATE_HZ = 16000
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -94,8 +104,8 @@ SENTENCES: tuple[str, ...] = (
 
 
 def server_args(args: Any, model: str, *extra: str) -> list[str]:
-    """The server's command-line flags shared by the scripts (model, dtype, threads, batch), then
-    ``extra``, then the user's ``--server-arg`` flags."""
+    """The server's command-line flags shared by the scripts (model, dtype, threads, batch, and backend
+    and workers when the script has them), then ``extra``, then the user's ``--server-arg`` flags."""
     return [
         "--model",
         model,
@@ -105,6 +115,8 @@ def server_args(args: Any, model: str, *extra: str) -> list[str]:
         str(args.threads),
         "--max-batch-size",
         str(args.max_batch_size),
+        *(["--backend", args.backend] if getattr(args, "backend", None) else []),
+        *(["--workers", str(args.workers)] if getattr(args, "workers", None) else []),
         *extra,
         "--log-level",
         "warning",
@@ -388,7 +400,7 @@ class ProcessSampler:
 
 def rss_mb(pid: int) -> float:
     """Current RSS of ``pid`` in MB."""
-    return psutil.Process(pid).memory_info().rss / 2**20
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,6 +483,28 @@ class MaterialBuilder:
         self._samples += len(audio)
         self.spans.append(Span(text, start / SAMPLE_RATE_HZ, self._samples / SAMPLE_RATE_HZ))
 
+    def recorded(self, pcm: Int16Array, spans: Sequence[Span]) -> None:
+        """Append a piece of a recording whose speech runs (in its own seconds) are ``spans``."""
+        offset_s = self._samples / SAMPLE_RATE_HZ
+        previous_end = None
+        for span in spans:
+            if previous_end is not None:
+                self.pause_mids_s.append(offset_s + (previous_end + span.start_s) / 2)
+            self.spans.append(Span(span.text, offset_s + span.start_s, offset_s + span.end_s))
+            previous_end = span.end_s
+        self._pieces.append(pcm.astype(np.int16))
+        self._samples += len(pcm)
+
+    def noise(self, bed: Int16Array, seconds: float, rng: random.Random) -> None:
+        """Append ``seconds`` of a noise bed from a random place in it (looped), as a pause."""
+        n = round(seconds * SAMPLE_RATE_HZ)
+        if n <= 0 or len(bed) == 0:
+            return
+        start = rng.randrange(len(bed))
+        self.pause_mids_s.append((self._samples + n / 2) / SAMPLE_RATE_HZ)
+        self._pieces.append(bed[(np.arange(n) + start) % len(bed)])
+        self._samples += n
+
     def build(self) -> Material:
         pcm = np.concatenate(self._pieces) if self._pieces else np.zeros(0, dtype=np.int16)
         return Material(pcm.astype(np.int16), list(self.spans), list(self.pause_mids_s))
@@ -537,6 +571,136 @@ def meeting(
             builder.sentence(text)
     builder.silence(1.0)
     return builder.build()
+
+
+# Real recordings (fetched from PyPI by stream_server.testing.speech; never committed).
+
+RECORDED_NAMES: tuple[str, ...] = ("dialogue", *MEETING_CLIPS, "lecture", "news")
+"""Every real recording the load tests use: a telephone call, 15 AMI meeting clips, a lecture, a news clip."""
+
+TURN_PAD_S = 0.25
+"""Annotated speaker turns are loose: a loud frame this far outside one still counts as speech."""
+
+MIN_RUN_LOUD_S = 0.2
+"""A run with less loud sound than this is a click or a breath, not an utterance (the server drops
+segments with under 200 ms of speech too)."""
+
+CONVERSATION_NAMES: tuple[str, ...] = ("dialogue", *MEETING_CLIPS)
+"""The conversational recordings: the telephone call and the meeting clips (no monologues)."""
+
+MATERIALS = ("call", "mix", "espeak")
+"""``call``: one side of a conversation of real recorded utterances (:func:`recorded_conversation`);
+``mix``: the real recordings as they are (:func:`recorded_material`); ``espeak``: synthetic sentences
+with digital silence between them (:func:`conversation`)."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One real recording and its true runs of speech (``stream_server.testing.truth``)."""
+
+    name: str
+    pcm: Int16Array
+    runs: list[Span]
+
+
+def load_recording(name: str, *, min_pause_ms: int) -> Recording:
+    """A recording and its runs of speech separated by pauses of ``min_pause_ms`` or more.
+
+    Where the recording has annotated speaker turns, only loud frames inside them (padded by
+    ``TURN_PAD_S``) count as speech, so a beep or a door is not taken for a talker. The dialogue's runs
+    carry the transcript lines whose middle lies inside them (for WER).
+    """
+    samples, rate_hz, channels = read_wav(recorded_speech(name))
+    assert rate_hz == SAMPLE_RATE_HZ and channels == 1, name
+    within = None
+    if RECORDED_SPEECH[name].turns_member is not None:
+        within = [(t.start_s - TURN_PAD_S, t.end_s + TURN_PAD_S) for t in recorded_speaker_turns(name)]
+    runs = [
+        r
+        for r in speech_runs(samples, min_pause_ms=min_pause_ms, within=within)
+        if r.loud_s >= MIN_RUN_LOUD_S
+    ]
+    lines = recorded_transcript(name) if RECORDED_SPEECH[name].transcript_member is not None else []
+    spans = []
+    for run in runs:
+        text = " ".join(
+            line.text for line in lines if run.start_s <= (line.start_s + line.end_s) / 2 <= run.end_s
+        )
+        spans.append(Span(text, run.start_s, run.end_s))
+    return Recording(name, samples, spans)
+
+
+def recorded_material(names: Sequence[str] = RECORDED_NAMES, *, min_pause_ms: int = 500) -> Material:
+    """The recordings as they are, one after another (0.5 s of the next one's own lead-in between): what
+    a room microphone or a mixed call sends, speech and natural pauses."""
+    builder = MaterialBuilder()
+    for name in names:
+        rec = load_recording(name, min_pause_ms=min_pause_ms)
+        builder.recorded(rec.pcm, rec.runs)
+    return builder.build()
+
+
+def noise_bed(pcm: Int16Array, *, below_db: float = 45.0, frame_ms: int = 10) -> Int16Array:
+    """The recording's own background: its frames at least ``below_db`` under its loudest, joined."""
+    levels = frame_levels_db(pcm, frame_ms=frame_ms)
+    frame = SAMPLE_RATE_HZ * frame_ms // 1000
+    quiet = np.flatnonzero(levels <= levels.max() - below_db)
+    if len(quiet) < 10:  # hardly any background: the quietest tenth instead
+        quiet = np.argsort(levels)[: max(10, len(levels) // 10)]
+    return np.concatenate([pcm[i * frame : (i + 1) * frame] for i in sorted(quiet)]).astype(np.int16)
+
+
+def recorded_conversation(
+    *,
+    seed: int = 0,
+    names: Sequence[str] = CONVERSATION_NAMES,
+    min_pause_ms: int = 500,
+    listen_s: tuple[float, float] = (1.0, 4.0),
+    context_s: float = 0.25,
+) -> Material:
+    """One side of a conversation made of real recorded speech: every run of speech of the recordings
+    (with ``context_s`` of its own room sound either side), in a seeded order, each followed by a pause
+    of ``listen_s`` while the other party talks, filled with that recording's own background noise (never
+    digital silence). About half of it is speech, as for one party of a call (58 % with the defaults:
+    64 utterances, median 2.4 s, 90th percentile 9.6 s, 442 s in all)."""
+    rng = random.Random(seed)
+    utterances: list[tuple[Int16Array, Span, Int16Array]] = []
+    for name in names:
+        rec = load_recording(name, min_pause_ms=min_pause_ms)
+        bed = noise_bed(rec.pcm)
+        n = len(rec.pcm)
+        for run in rec.runs:
+            a = max(0, round((run.start_s - context_s) * SAMPLE_RATE_HZ))
+            b = min(n, round((run.end_s + context_s) * SAMPLE_RATE_HZ))
+            span = Span(run.text, run.start_s - a / SAMPLE_RATE_HZ, run.end_s - a / SAMPLE_RATE_HZ)
+            utterances.append((rec.pcm[a:b], span, bed))
+    rng.shuffle(utterances)
+    builder = MaterialBuilder()
+    for pcm, span, bed in utterances:
+        builder.recorded(pcm, [span])
+        builder.noise(bed, rng.uniform(*listen_s), rng)
+    return builder.build()
+
+
+def first_utterances(material: Material, count: int) -> Material:
+    """The material up to the middle of the pause after its ``count``-th utterance."""
+    if count >= len(material.spans):
+        return material
+    end_s = material.spans[count - 1].end_s
+    cut_s = min((m for m in material.pause_mids_s if m > end_s), default=material.duration_s)
+    pcm = material.pcm[: round(cut_s * SAMPLE_RATE_HZ)]
+    return Material(pcm, material.spans[:count], [m for m in material.pause_mids_s if m < cut_s])
+
+
+def material(kind: str, *, seed: int = 0, min_pause_ms: int = 500) -> Material:
+    """The named material (:data:`MATERIALS`) for one session; ``seed`` varies its order."""
+    if kind == "call":
+        return recorded_conversation(seed=seed, min_pause_ms=min_pause_ms)
+    if kind == "mix":
+        return recorded_material(min_pause_ms=min_pause_ms)
+    if kind == "espeak":
+        return conversation(seed=seed)
+    raise ValueError(f"material must be one of {', '.join(MATERIALS)}, not {kind!r}")
 
 
 def loop_spans(material: Material, offset_s: float, duration_s: float) -> list[Span]:
@@ -631,6 +795,7 @@ async def stream_session(
     progress: Progress | None = None,
     timeout_s: float = 600.0,
     tolerance_s: float = 0.05,
+    ping_interval_s: float | None = 20.0,
 ) -> SessionResult:
     """Stream ``duration_s`` of looped material through one session and measure it.
 
@@ -649,6 +814,7 @@ async def stream_session(
         timeout_s: give up after this long (recorded as an error).
         tolerance_s: a sentence counts as ended inside a final when it ends at most this much after
             the final's end.
+        ping_interval_s: websockets' keepalive ping interval and timeout (its default, 20 s; None: off).
 
     Returns:
         The measurements; failures are in ``errors``, never raised.
@@ -715,12 +881,14 @@ async def stream_session(
     position = 0
     try:
         async with asyncio.timeout(timeout_s):
-            # At speed 0 the server's back-pressure can hold megabytes of audio in the socket buffers
-            # ahead of a keepalive ping for longer than websockets' 20 s ping timeout; the client would
-            # then close the stream itself (1011 "keepalive ping timeout"). Pings are for live links.
-            ping_interval = 20.0 if speed > 0 else None
+            # websockets' own keepalive, as a standard client has it (ping every 20 s, pong due in 20 s),
+            # also when streaming faster than real time: the server must answer it.
             async with connect(
-                listen_url(url, query), max_size=None, open_timeout=30, ping_interval=ping_interval
+                listen_url(url, query),
+                max_size=None,
+                open_timeout=30,
+                ping_interval=ping_interval_s,
+                ping_timeout=ping_interval_s,
             ) as ws:
 
                 async def receive() -> None:

@@ -89,3 +89,42 @@ def test_contrast_script_measures_naive_and_ours(small_model_dir: Path) -> None:
     assert 100 < loaded <= peak <= maxrss, out
     assert 0 < decode_s < scaled(60) and 0 < stream_s < scaled(60), out
     assert 100 < ours_before and ours_peak > 100, out
+
+
+def test_overload_script_admits_and_refuses() -> None:
+    """overload.py offers twice the given capacity and prints admitted, refused and the latency line."""
+    out = run_script("overload.py", "--model", "tiny.en", "--capacity", "1")
+    match = re.search(r"^\s+2\s+(\d+)\s+(\d+)\s+(\d+)", out, re.MULTILINE)
+    assert match, out
+    admitted, refused, finals = map(int, match.groups())
+    assert admitted + refused == 2 and admitted >= 1 and finals >= 1, out
+    assert "admitted sessions hurt" in out
+
+
+def test_fast_clients_script_finishes_every_client_with_every_final() -> None:
+    """fast_clients.py streams unpaced with websockets' keepalive and checks the finals owed."""
+    out = run_script("fast_clients.py", "--model", "tiny.en")
+    assert "every client complete" in out and "NOT every" not in out, out
+    assert number(r"peak (\d+) MB", out) > 50
+
+
+def test_scheduling_script_compares_configurations() -> None:
+    """scheduling.py runs one step per configuration and prints a row for each."""
+    out = run_script("scheduling.py", "--model", "tiny.en", timeout_s=240)
+    rows = re.findall(r"^(1x2|2x1-b1)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["1x2", "2x1-b1"], out
+    assert all(int(r[1]) >= 1 and float(r[2]) <= float(r[3]) for r in rows), out
+
+
+def test_vad_lag_script_measures_the_hang_on_real_recordings() -> None:
+    """vad_lag.py feeds recordings through the session core and prints the hang per configuration."""
+    out = run_script("vad_lag.py", timeout_s=180)
+    assert "hang" in out, out
+
+
+def test_peers_script_runs_our_side(tmp_path: Path) -> None:
+    """peers.py with --only ours measures our server on the same workload it gives WhisperLive."""
+    out = run_script("peers.py", "--only", "ours", "--out", str(tmp_path / "peers.json"), timeout_s=180)
+    match = re.search(r"^ours\s+1\s+3\s+3/3\s+3\s+([\d.]+)", out, re.MULTILINE)
+    assert match, out
+    assert 0.05 < float(match.group(1)) < scaled(5), out
