@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="tiny.en, or a SenseVoice folder")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "int8"))
     parser.add_argument("--threads", type=int, default=0, help="model threads (0: every core)")
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=0, help="0: the server's default")
     parser.add_argument(
         "--endpointing", type=int, default=None, help="client endpointing in ms (default: server's 500)"
     )

@@ -948,7 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours = parser.add_argument_group("our server")
     ours.add_argument("--dtype", default="auto", choices=("auto", "fp32", "int8"))
     ours.add_argument("--threads", type=int, default=0, help="model threads (0: every core)")
-    ours.add_argument("--max-batch-size", type=int, default=8)
+    ours.add_argument("--max-batch-size", type=int, default=0, help="0: the server's default")
     ours.add_argument("--endpointing", type=int, default=None, help="client endpointing in ms (default: 500)")
     ours.add_argument("--server-arg", action="append", default=[], help="another server flag (repeat)")
     peer = parser.add_argument_group("WhisperLive")

@@ -5,11 +5,12 @@ For each configuration in ``--configs`` it starts a fresh server (admission off,
 served) and runs one step of ``capacity.py`` at ``--n`` concurrent real-time sessions of real recorded
 conversation, printing the end-of-speech-to-final p50/p95/p99, the mean batch and model call of finals,
 the server's CPU and the speculation outcomes. A configuration is ``WxT`` (engine workers x threads per
-worker) with optional suffixes: ``b1`` (max batch 1: no batching), ``nospec`` (speculative finals off),
-``w0`` (max wait 0 ms, no waiting for company)::
+worker) with optional suffixes: ``bN`` (max batch N; without it the server's default, 1 on CPU),
+``nospec`` (speculative finals off), ``w0`` (max wait 0 ms, no waiting for company), ``specM`` (speculative
+finals M ms into a pause instead of 200)::
 
     python load_tests/scheduling.py --model /tmp/sv-full --n 16
-    python load_tests/scheduling.py --model /tmp/sv-full --n 16 --configs 2x1,1x2,2x1-b1,2x1-nospec
+    python load_tests/scheduling.py --model /tmp/sv-full --n 8 --configs 2x1,1x2,2x1-b8,2x1-nospec
 
 These are the measurements behind the server's defaults (README, "Batching and scheduling").
 """
@@ -29,7 +30,7 @@ import common  # noqa: E402
 from capacity import run_step  # noqa: E402
 from latency import DEFAULT_MODEL, QUICK_SENTENCES, ensure_model  # noqa: E402
 
-DEFAULT_CONFIGS = "2x1,1x2,2x1-b1,1x2-b1,2x1-nospec,1x2-nospec"
+DEFAULT_CONFIGS = "2x1,1x2,2x1-b8,1x2-b8,2x1-nospec,1x2-nospec,2x1-spec300"
 
 
 def config_flags(config: str) -> list[str]:
@@ -38,8 +39,10 @@ def config_flags(config: str) -> list[str]:
     workers, threads = (int(x) for x in shape.lower().split("x"))
     flags = ["--workers", str(workers), "--threads", str(threads)]
     for suffix in suffixes:
-        if suffix == "b1":
-            flags += ["--max-batch-size", "1"]
+        if suffix.startswith("b") and suffix[1:].isdigit():
+            flags += ["--max-batch-size", suffix[1:]]
+        elif suffix.startswith("spec") and suffix[4:].isdigit():
+            flags += ["--speculative-final-ms", suffix[4:]]
         elif suffix == "nospec":
             flags += ["--speculative-final-ms", "0"]
         elif suffix == "w0":
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = ensure_model(args.model)
     configs, n, step_s, stagger_s = args.configs.split(","), args.n, args.step_seconds, args.stagger_seconds
     if args.quick:
-        configs, n, step_s, stagger_s = ["1x2", "2x1-b1"], 2, 5.0, 0.5
+        configs, n, step_s, stagger_s = ["1x2", "2x1-b2"], 2, 5.0, 0.5
         materials = [common.conversation(QUICK_SENTENCES, pauses_s=(0.8,), seed=j) for j in range(2)]
     else:
         materials = [common.material(args.material, seed=j) for j in range(8)]
@@ -90,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = argparse.Namespace(
             dtype=args.dtype,
             threads=0,
-            max_batch_size=8,
+            max_batch_size=0,
             backend=args.backend,
             workers=None,
             server_arg=[*config_flags(config), *args.server_arg],

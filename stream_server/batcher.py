@@ -37,7 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .config import BatchConfig
+from .config import BatchConfig, batch_size_for
 from .engines.base import Engine, TranscribeRequest, Transcript
 from .errors import BatcherClosed, EngineError, InterimSkipped
 
@@ -105,6 +105,7 @@ class Batcher:
         self.engine = engine
         self.config = config
         self.workers = max(1, workers if workers is not None else engine.info.max_concurrent_calls)
+        self.max_batch_size = batch_size_for(config.max_batch_size, engine.info.preferred_batch_size)
         self._on_batch = on_batch
         self._interim_max_wait_s = interim_max_wait_s
         self._finals: deque[_Item] = deque()
@@ -286,7 +287,7 @@ class Batcher:
                 await self._changed.wait()
             # Wait a little for company unless a full batch is already waiting.
             deadline = time.monotonic() + self.config.max_wait_ms / 1000
-            while self._finals and len(self._finals) < self.config.max_batch_size and not self._closed:
+            while self._finals and len(self._finals) < self.max_batch_size and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -324,7 +325,7 @@ class Batcher:
         """The oldest item plus the closest-length items with the same batch key (``limit`` in all)."""
         if not queue:
             return []
-        size = min(self.config.max_batch_size, limit or self.config.max_batch_size)
+        size = min(self.max_batch_size, limit or self.max_batch_size)
         first = queue.popleft()
         key, length = first.request.batch_key, len(first.request.audio)
         same = [item for item in queue if item.request.batch_key == key]

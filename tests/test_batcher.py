@@ -336,3 +336,12 @@ async def test_bulk_work_leaves_a_worker_free_only_while_live_streams_are_about(
     watcher.cancel()
     await batcher.stop()
     assert (alone, peak) == (2, 1)
+
+
+def test_batch_size_zero_means_what_the_engine_prefers() -> None:
+    """max_batch_size 0 takes the engine's preferred batch size; a set value wins."""
+    prefers_one = FakeEngine()
+    prefers_one._info = replace(prefers_one.info, preferred_batch_size=1)
+    assert Batcher(prefers_one, BatchConfig()).max_batch_size == 1
+    assert Batcher(FakeEngine(), BatchConfig()).max_batch_size == 8
+    assert Batcher(prefers_one, BatchConfig(max_batch_size=3)).max_batch_size == 3

@@ -246,3 +246,22 @@ def test_auto_falls_back_to_torch_loudly_but_onnx_does_not(
         load_sensevoice(
             onnx_config(small_model_dir, tmp_path, backend="onnx"), str(small_model_dir), max_audio_s=5.0
         )
+
+
+def test_warmup_runs_the_largest_batch_in_every_worker_at_once(
+    small_model_dir: Path, onnx_cache: Path
+) -> None:
+    """With two workers, warm-up runs two largest batches at once (the most the batcher ever runs), so
+    memory reaches its ceiling before the first client."""
+    engine = SenseVoiceOnnxEngine.load(onnx_config(small_model_dir, onnx_cache, workers=2, threads=1))
+    seen: list[tuple[str, int]] = []
+    real = engine._run_batch
+
+    def spy(audios: Sequence[npt.NDArray[np.float32]], **kwargs: object) -> list[Transcript]:
+        seen.append((threading.current_thread().name, len(audios)))
+        return real(audios, **kwargs)  # type: ignore[arg-type]
+
+    engine._run_batch = spy  # type: ignore[method-assign]
+    engine.warmup(3, 5.0)
+    assert len(seen) == 2 and {n for _, n in seen} == {3} and len({t for t, _ in seen}) == 2
+    assert engine.info.max_batch_size == 3

@@ -111,8 +111,8 @@ def test_fast_clients_script_finishes_every_client_with_every_final() -> None:
 def test_scheduling_script_compares_configurations() -> None:
     """scheduling.py runs one step per configuration and prints a row for each."""
     out = run_script("scheduling.py", "--model", "tiny.en", timeout_s=240)
-    rows = re.findall(r"^(1x2|2x1-b1)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", out, re.MULTILINE)
-    assert [r[0] for r in rows] == ["1x2", "2x1-b1"], out
+    rows = re.findall(r"^(1x2|2x1-b2)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["1x2", "2x1-b2"], out
     assert all(int(r[1]) >= 1 and float(r[2]) <= float(r[3]) for r in rows), out
 
 

@@ -1,8 +1,9 @@
 """The one small interface every speech-to-text backend implements.
 
 An engine owns a model and turns a batch of finished audio clips into transcripts, synchronously.
-It never sees sockets, sessions or the event loop: the batcher calls :meth:`Engine.transcribe` from
-its single worker thread, so an engine need not be thread-safe.
+It never sees sockets, sessions or the event loop: the batcher calls :meth:`Engine.transcribe` from its
+worker threads, at most :attr:`EngineInfo.max_concurrent_calls` at once (one, unless the engine says it
+can run more in parallel on one copy of its weights).
 
 Audio handed to an engine is always 16 kHz mono float32 in [-1, 1], already cut to one speech
 segment (or an interim window) whose length the session core bounds by ``max_segment_ms``.
@@ -105,6 +106,8 @@ class EngineInfo:
         max_audio_s: the longest clip it was warmed up for.
         max_concurrent_calls: how many :meth:`Engine.transcribe` calls may run at once, each from its
             own thread (1: one at a time, the batcher's single worker thread).
+        preferred_batch_size: the batch size the server uses when ``--max-batch-size`` is 0 (what was
+            measured best for this engine on this device).
         extras: anything else worth reporting (threads, buckets, versions).
     """
 
@@ -117,12 +120,13 @@ class EngineInfo:
     max_batch_size: int = 1
     max_audio_s: float = 30.0
     max_concurrent_calls: int = 1
+    preferred_batch_size: int = 8
     extras: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
 class Engine(Protocol):
-    """A loaded model. ``transcribe`` is called from one thread at a time."""
+    """A loaded model. ``transcribe`` is called from at most ``info.max_concurrent_calls`` threads at once."""
 
     @property
     def info(self) -> EngineInfo: ...

@@ -61,6 +61,12 @@ Dtype = Literal["fp32", "fp16", "int8"]
 ENGINE_NAME = "sensevoice-small"
 SENSEVOICE_LANGUAGES: tuple[str, ...] = ("zh", "en", "ja", "ko", "yue")
 
+CPU_BATCH_SIZE = 1
+"""Batch size on CPU when not set: mixed lengths padded into one call made finals slower under load on 2
+cores than separate calls on parallel workers (load_tests/scheduling.py; README, Measurements)."""
+CUDA_BATCH_SIZE = 8
+"""Batch size on CUDA when not set: a GPU runs a batch nearly as fast as one clip."""
+
 QUERY_FRAMES = 4
 """SenseVoice prepends four query frames (language, event, emotion, text norm); speech starts after them."""
 
@@ -294,6 +300,7 @@ class SenseVoiceCore:
             max_batch_size=self._max_batch_size,
             max_audio_s=self._max_audio_s,
             max_concurrent_calls=self._max_concurrent_calls,
+            preferred_batch_size=CUDA_BATCH_SIZE if self._device.type == "cuda" else CPU_BATCH_SIZE,
             extras={
                 "backend": self.backend,
                 "threads": str(self._threads),
@@ -340,9 +347,11 @@ class SenseVoiceCore:
         return cast(list[Transcript], results)
 
     def warmup(self, max_batch_size: int, max_audio_s: float) -> None:
-        """Run one batch of ``max_batch_size`` clips of the largest bucket in use, with word times.
+        """Run one batch of ``max_batch_size`` clips of the largest bucket in use, with word times, in
+        each of the ``max_concurrent_calls`` workers at once.
 
-        Memory (GPU reserved memory, CPU RSS) reaches its ceiling here, before any client connects.
+        Memory (GPU reserved memory, CPU RSS) reaches its ceiling here, before any client connects: the
+        batcher never runs more at once than this.
 
         Args:
             max_batch_size: the largest batch the batcher will send.
@@ -359,9 +368,24 @@ class SenseVoiceCore:
         samples = min(int(round(bucket_s * SAMPLE_RATE_HZ)), int(self._max_audio_s * SAMPLE_RATE_HZ))
         rng = np.random.default_rng(0)
         audio = (0.05 * rng.standard_normal(samples)).astype(np.float32)
-        self._run_batch(
-            [audio] * max_batch_size, language="auto", use_itn=True, word_timestamps=[True] * max_batch_size
-        )
+
+        def one_batch() -> None:
+            self._prepare_thread()
+            self._run_batch(
+                [audio] * max_batch_size,
+                language="auto",
+                use_itn=True,
+                word_timestamps=[True] * max_batch_size,
+            )
+
+        if self._max_concurrent_calls > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=self._max_concurrent_calls) as pool:
+                for done in [pool.submit(one_batch) for _ in range(self._max_concurrent_calls)]:
+                    done.result()
+        else:
+            one_batch()
         self._max_batch_size = max(self._max_batch_size, max_batch_size)
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
@@ -373,7 +397,9 @@ class SenseVoiceCore:
                 self._device,
             )
         else:
-            logger.info("warm-up %d x %.1f s done", max_batch_size, bucket_s)
+            logger.info(
+                "warm-up %d x %.1f s done (%d at once)", max_batch_size, bucket_s, self._max_concurrent_calls
+            )
 
     # -- Internals ----------------------------------------------------------------------------------
 
