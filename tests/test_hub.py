@@ -282,6 +282,7 @@ def test_download_failure_is_an_actionable_model_download_error(monkeypatch: pyt
 
 class FakeWhisper:
     loads: list[dict[str, object]] = []
+    options: dict[str, object] = {}
 
     def __init__(self, fallback_reason: str | None) -> None:
         self.fallback_reason = fallback_reason
@@ -289,9 +290,17 @@ class FakeWhisper:
 
     @classmethod
     def load(
-        cls, config: EngineConfig, *, model_dir: str | None = None, fallback_reason: str | None = None
+        cls,
+        config: EngineConfig,
+        *,
+        model_dir: str | None = None,
+        fallback_reason: str | None = None,
+        beam_size: int = 5,
+        encoder_buckets_s: tuple[float, ...] | None = None,
+        workers: int = 1,
     ) -> FakeWhisper:
         cls.loads.append({"model_dir": model_dir, "fallback_reason": fallback_reason})
+        cls.options = {"beam_size": beam_size, "encoder_buckets_s": encoder_buckets_s, "workers": workers}
         return cls(fallback_reason)
 
     @property
@@ -308,6 +317,7 @@ class FakeWhisper:
 @pytest.fixture
 def fake_whisper(monkeypatch: pytest.MonkeyPatch) -> type[FakeWhisper]:
     FakeWhisper.loads = []
+    FakeWhisper.options = {}
     module = types.ModuleType("stream_server.engines.whisper")
     module.WhisperEngine = FakeWhisper  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "stream_server.engines.whisper", module)
@@ -370,3 +380,12 @@ def test_loader_loads_tiny_en_without_a_fallback_reason(fake_whisper: type[FakeW
     engine = load_engine(EngineConfig(model="tiny.en"), max_audio_s=30.0, max_batch_size=2, probe=probe)
     assert isinstance(engine, FakeWhisper) and engine.info.fallback_reason is None
     assert probe.calls == [] and engine.warmups == [(2, 30.0)]
+    # The CPU defaults: beam 5, the engine's own encoder windows, one worker.
+    assert fake_whisper.options == {"beam_size": 5, "encoder_buckets_s": None, "workers": 1}
+
+
+def test_loader_passes_the_whisper_options(fake_whisper: type[FakeWhisper]) -> None:
+    """--whisper-beam-size, --whisper-full-window and --workers reach the whisper engine."""
+    config = EngineConfig(model="tiny.en", whisper_beam_size=1, whisper_full_window=True, workers=3, warmup=False)
+    load_engine(config, max_audio_s=30.0, max_batch_size=2, probe=ProbeSpy("unused"))
+    assert fake_whisper.options == {"beam_size": 1, "encoder_buckets_s": (), "workers": 3}
