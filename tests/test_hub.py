@@ -386,6 +386,8 @@ def test_loader_loads_tiny_en_without_a_fallback_reason(fake_whisper: type[FakeW
 
 def test_loader_passes_the_whisper_options(fake_whisper: type[FakeWhisper]) -> None:
     """--whisper-beam-size, --whisper-full-window and --workers reach the whisper engine."""
-    config = EngineConfig(model="tiny.en", whisper_beam_size=1, whisper_full_window=True, workers=3, warmup=False)
+    config = EngineConfig(
+        model="tiny.en", whisper_beam_size=1, whisper_full_window=True, workers=3, warmup=False
+    )
     load_engine(config, max_audio_s=30.0, max_batch_size=2, probe=ProbeSpy("unused"))
     assert fake_whisper.options == {"beam_size": 1, "encoder_buckets_s": (), "workers": 3}
