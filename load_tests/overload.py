@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "int8"))
     parser.add_argument("--backend", default=None, choices=("auto", "onnx", "torch"), help="server default")
     parser.add_argument("--workers", type=int, default=None, help="engine workers (server default)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per worker (0: cores / workers)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per worker (0: the server default)")
     parser.add_argument("--max-batch-size", type=int, default=0, help="0: the server's default")
     parser.add_argument("--capacity", type=int, required=False, default=8, help="N measured by capacity.py")
     parser.add_argument("--multiples", default="2,4", help="offer these multiples of N")

@@ -16,15 +16,19 @@ and kept up to date:
 
 The streams' demand, in worker-seconds per second, divided by the workers is the load ``ρ``. How much
 load meets the target comes from a queueing estimate: finals arrive at random, are served by ``c``
-workers with the measured mean and spread of call times, and the 95th percentile of their wait plus the
-95th percentile call must fit in the time the target leaves after the endpointing silence (or, with
-speculative finals, after the speculation point: the model starts then). The wait's tail is Erlang C
-with Kingman's correction for the call-time spread::
+workers with the measured mean and spread of call times, and 95 % of finals must have their wait plus
+their own call within the time the target leaves after the endpointing silence (or, with speculative
+finals, after the speculation point: the model starts then). The wait's tail is Erlang C with Kingman's
+correction for the call-time spread::
 
     P(wait > t) ≈ C(c, cρ) · exp(-2·c·(1 - ρ)·t / (s̄·(1 + cs²)))
 
-``ρ_max`` is the largest ρ with ``P(wait > budget - s95) ≤ 5 %``; a new stream is admitted when the load
-with it stays under ``ρ_max``, and when the finals' measured p95 is within the budget. Interims are not
+and a final of call time ``s`` is late when its wait exceeds ``budget - s``, so the share of late finals
+is that tail averaged over the call times (the measured ones of the window, or the prior's: exponential
+segment lengths). ``ρ_max`` is the largest ρ at which at most 5 % are late (0 when more than 5 % of calls
+are longer than the budget on their own); a new stream is admitted when the load with it stays under
+``ρ_max``, and when the finals' measured p95 from segment close to final is within what the target
+leaves after the endpointing silence. Interims are not
 counted: they are shed first under load (README, "Batching and scheduling").
 """
 
@@ -80,6 +84,12 @@ class CapacitySettings:
             self.endpointing_s - self.speculative_s if 0 < self.speculative_s < self.endpointing_s else 0
         )
         return self.target_latency_s - self.endpointing_s + head_start
+
+    @property
+    def final_budget_s(self) -> float:
+        """Time the target leaves from the segment's close (after the endpointing silence) to its final:
+        what the finals' measured latency is held to."""
+        return max(0.0, self.target_latency_s - self.endpointing_s)
 
 
 class SpeedModel:
@@ -245,33 +255,38 @@ class CapacityModel:
         used = sum(self.speed.call_s(audio_s) for _, audio_s in stream.finals) / span_s
         return max(typical, used)
 
-    def service_stats(self, now_s: float) -> tuple[float, float, float]:
-        """Mean call seconds, squared coefficient of variation, and 95th percentile call seconds of
-        finals: measured over the window when there are enough, else from the speed model."""
+    PRIOR_POINTS = 40
+    """Quantiles of the prior's segment lengths that stand for its call times."""
+
+    def service_stats(self, now_s: float) -> tuple[float, float, tuple[float, ...]]:
+        """Mean call seconds, squared coefficient of variation, and the call times of finals: measured
+        over the window when there are enough, else the speed model's over the prior's segment lengths."""
         self._trim(self._calls, now_s)
         if len(self._calls) >= self.MIN_SAMPLES:
-            times = sorted(seconds for _, _, seconds in self._calls)
+            times = tuple(sorted(seconds for _, _, seconds in self._calls))
             mean = sum(times) / len(times)
             var = sum((t - mean) ** 2 for t in times) / len(times)
-            p95 = times[min(len(times) - 1, int(math.ceil(0.95 * len(times))) - 1)]
-            return mean, (var / (mean * mean) if mean > 0 else 1.0), p95
+            return mean, (var / (mean * mean) if mean > 0 else 1.0), times
         s = self.settings
         # Segments of a conversation have roughly exponential lengths (standard deviation = mean, p95
         # about three means), so the call time's spread is the per-second part's share of it.
         a, b = self.speed.coefficients
         mean = a + b * s.segment_s
         cv2 = (b * s.segment_s / mean) ** 2 if mean > 0 else 1.0
-        return mean, cv2, self.speed.call_s(min(3 * s.segment_s, s.max_segment_s))
+        k = self.PRIOR_POINTS
+        lengths = (min(-s.segment_s * math.log(1 - (i + 0.5) / k), s.max_segment_s) for i in range(k))
+        return mean, cv2, tuple(self.speed.call_s(x) for x in lengths)
 
     def max_load(self, now_s: float) -> float:
         """ρ_max: the highest utilization at which the target quantile of finals meets the target."""
-        mean_s, cs2, p95_s = self.service_stats(now_s)
+        mean_s, cs2, calls = self.service_stats(now_s)
         return max_utilization(
             workers=self.settings.workers,
             mean_service_s=mean_s,
             service_cv2=cs2,
-            wait_budget_s=self.settings.model_budget_s - p95_s,
+            wait_budget_s=self.settings.model_budget_s,
             quantile=self.settings.quantile,
+            service_times_s=calls,
         )
 
     def state(self, now_s: float) -> CapacityState:
@@ -295,9 +310,9 @@ class CapacityModel:
         reason = ""
         if left < 1:
             reason = f"the open streams use {demand:.2f} of {budget:.2f} worker-seconds per second"
-        elif p95 is not None and p95 > s.model_budget_s and self._streams:
+        elif p95 is not None and p95 > s.final_budget_s and self._streams:
             reason = (
-                f"finals are late: p95 {p95:.2f} s after the segment closes (budget {s.model_budget_s:.2f} s)"
+                f"finals are late: p95 {p95:.2f} s after the segment closes (budget {s.final_budget_s:.2f} s)"
             )
         return CapacityState(
             sessions=len(self._streams),
@@ -359,32 +374,61 @@ def wait_tail(*, workers: int, rho: float, mean_service_s: float, service_cv2: f
     return c * math.exp(-rate * t_s)
 
 
-def max_utilization(
-    *, workers: int, mean_service_s: float, service_cv2: float, wait_budget_s: float, quantile: float
+def late_share(
+    *,
+    workers: int,
+    rho: float,
+    mean_service_s: float,
+    service_cv2: float,
+    budget_s: float,
+    service_times_s: Sequence[float],
 ) -> float:
-    """The largest utilization at which ``P(wait > wait_budget_s) <= 1 - quantile`` (0 when even an idle
-    server cannot meet it: the call alone is longer than the budget)."""
-    if wait_budget_s < 0:
+    """Share of finals whose wait plus own call time exceeds ``budget_s``: the wait's tail at
+    ``budget_s - s`` averaged over the call times ``s``."""
+    if not service_times_s:
         return 0.0
-    allowed = 1 - quantile
-    lo, hi = 0.0, 0.999
-    if (
+    total = sum(
         wait_tail(
-            workers=workers, rho=hi, mean_service_s=mean_service_s, service_cv2=service_cv2, t_s=wait_budget_s
+            workers=workers, rho=rho, mean_service_s=mean_service_s, service_cv2=service_cv2, t_s=budget_s - x
         )
-        <= allowed
-    ):
+        for x in service_times_s
+    )
+    return total / len(service_times_s)
+
+
+def max_utilization(
+    *,
+    workers: int,
+    mean_service_s: float,
+    service_cv2: float,
+    wait_budget_s: float,
+    quantile: float,
+    service_times_s: Sequence[float] = (0.0,),
+) -> float:
+    """The largest utilization at which at most ``1 - quantile`` of finals wait longer than
+    ``wait_budget_s`` minus their own call time (``service_times_s``: the calls' spread of lengths; by
+    default the budget is for the wait alone). 0 when even an idle server cannot meet it: too many calls
+    are longer than the budget on their own."""
+    allowed = 1 - quantile
+
+    def late(rho: float) -> float:
+        return late_share(
+            workers=workers,
+            rho=rho,
+            mean_service_s=mean_service_s,
+            service_cv2=service_cv2,
+            budget_s=wait_budget_s,
+            service_times_s=service_times_s,
+        )
+
+    lo, hi = 0.0, 0.999
+    if late(0.0) > allowed:
+        return 0.0
+    if late(hi) <= allowed:
         return hi
     for _ in range(50):
         mid = (lo + hi) / 2
-        tail = wait_tail(
-            workers=workers,
-            rho=mid,
-            mean_service_s=mean_service_s,
-            service_cv2=service_cv2,
-            t_s=wait_budget_s,
-        )
-        if tail <= allowed:
+        if late(mid) <= allowed:
             lo = mid
         else:
             hi = mid

@@ -47,8 +47,9 @@ class EngineConfig:
             in torch).
         dtype: ``auto`` (fp16 on CUDA; int8 on CPU with ONNX Runtime, fp32 with torch), ``fp32``,
             ``fp16`` (CUDA only) or ``int8`` (CPU only: dynamically quantized MatMul/Linear weights).
-        threads: CPU threads per engine worker (intra-op); 0 means the cores this process may use divided
-            by the workers.
+        threads: CPU threads per engine worker (intra-op); 0 means every core this process may use for
+            each ONNX Runtime worker (idle threads sleep, so a lone call takes every core and two share
+            them) and those cores divided by the workers for faster-whisper.
         workers: engine calls that may run at once, sharing one copy of the weights (ONNX Runtime and
             faster-whisper; torch runs one); 0 picks the measured default for the backend.
         whisper_beam_size: beam width of the faster-whisper fallback (1 is greedy: 10-25 % cheaper per
@@ -241,7 +242,7 @@ class InterimConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """The batching worker shared by every session.
+    """The batcher shared by every session (its engine workers: EngineConfig.workers).
 
     Attributes:
         max_batch_size: the most requests in one model call (also the warm-up batch); 0 lets the engine

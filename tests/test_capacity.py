@@ -3,7 +3,10 @@ streams' demand and the latency feedback."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import threading
+from collections.abc import Sequence
 
 import pytest
 
@@ -11,10 +14,15 @@ from stream_server.capacity import (
     CapacityModel,
     CapacitySettings,
     SpeedModel,
+    calibration_clips,
     erlang_c,
+    late_share,
     max_utilization,
     wait_tail,
 )
+from stream_server.engines.base import TranscribeRequest, Transcript
+from stream_server.transport import measure_engine_speed
+from tests.fakes import FakeEngine
 
 SETTINGS = CapacitySettings(workers=1, target_latency_s=1.0, endpointing_s=0.5, speculative_s=0.2)
 CALIBRATION = [(x, 0.02 + 0.03 * x) for x in (1.0, 2.0, 4.0, 8.0)] * 2
@@ -84,6 +92,41 @@ def test_max_utilization_grows_with_budget_and_workers_and_is_zero_when_the_call
     assert tail == pytest.approx(0.05, abs=1e-3)
 
 
+def test_a_few_calls_longer_than_the_budget_leave_room_and_many_leave_none() -> None:
+    """The late share averages the wait's tail over the call times: 2 % of calls too long on their own
+    still leave load for the rest; 10 % leave none. Short calls allow more load than a single long one."""
+    short = [0.1] * 98
+    few_long = max_utilization(
+        workers=2,
+        mean_service_s=0.12,
+        service_cv2=1.0,
+        wait_budget_s=0.8,
+        quantile=0.95,
+        service_times_s=short + [1.0, 1.0],
+    )
+    many_long = max_utilization(
+        workers=2,
+        mean_service_s=0.19,
+        service_cv2=1.0,
+        wait_budget_s=0.8,
+        quantile=0.95,
+        service_times_s=short[:90] + [1.0] * 10,
+    )
+    assert 0.5 < few_long < 1 and many_long == 0.0
+    share = late_share(
+        workers=2,
+        rho=few_long,
+        mean_service_s=0.12,
+        service_cv2=1.0,
+        budget_s=0.8,
+        service_times_s=short + [1.0, 1.0],
+    )
+    assert share == pytest.approx(0.05, abs=1e-3)
+    # The wait budget alone (the default call times: none) allows more than budget minus a long call.
+    alone = max_utilization(workers=2, mean_service_s=0.12, service_cv2=1.0, wait_budget_s=0.8, quantile=0.95)
+    assert alone > few_long
+
+
 def test_capacity_counts_typical_streams_and_seats_left_fall_as_streams_open() -> None:
     """Capacity is the allowed load over a typical stream's demand; every open stream takes one seat."""
     m = model()
@@ -119,11 +162,11 @@ def test_late_finals_stop_admission_until_they_recover() -> None:
     m = model()
     m.open("a", 0.0)
     for i in range(30):
-        m.observe_latency(1.0 + i * 0.1, 1.5)  # 1.5 s after the close: far past the 0.8 s budget
+        m.observe_latency(1.0 + i * 0.1, 0.6)  # 0.6 s after the close: past the 0.5 s the target leaves
     late = m.state(5.0)
     assert not late.accepting and late.sessions_left == 0 and "late" in late.reason
     for i in range(30):
-        m.observe_latency(70.0 + i, 0.2)
+        m.observe_latency(70.0 + i, 0.45)
     assert m.state(100.0).accepting
 
 
@@ -158,8 +201,29 @@ def test_measured_call_times_replace_the_prior_and_interims_do_not_count() -> No
     for i in range(40):
         m.observe_call(float(i), audio_s=2.0, seconds=0.08, size=1, interim=False)
         m.observe_call(float(i), audio_s=8.0, seconds=5.0, size=1, interim=True)
-    mean, cv2, p95 = m.service_stats(40.0)
-    assert (mean, p95) == (pytest.approx(0.08), pytest.approx(0.08)) and cv2 == pytest.approx(0.0, abs=1e-9)
+    mean, cv2, calls = m.service_stats(40.0)
+    assert mean == pytest.approx(0.08) and cv2 == pytest.approx(0.0, abs=1e-9)
+    assert calls == pytest.approx([0.08] * 40)
     assert prior[1] == pytest.approx((0.03 * 3 / (0.02 + 0.03 * 3)) ** 2)  # exponential segment lengths
     assert m.speed.call_s(8.0) < 1.0
     assert m.state(40.0).utilization == pytest.approx(40 * 0.08 / 40, rel=0.1)
+
+
+def test_calibration_times_calls_in_every_worker_at_once() -> None:
+    """The start-up calibration runs as many calls at once as the engine has workers (the speed that
+    matters when finals queue), each length twice, and reports every call."""
+
+    class TwoAtOnce(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self._info = dataclasses.replace(self._info, max_concurrent_calls=2, max_audio_s=8.0)
+            self.together = threading.Barrier(2, timeout=10)  # broken unless two calls run at once
+
+        def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
+            self.together.wait()
+            return super().transcribe(requests)
+
+    engine = TwoAtOnce()
+    samples = measure_engine_speed(engine)
+    assert [x for x, _ in samples] == [x for x in calibration_clips(8.0) for _ in range(4)]
+    assert len(engine.batches) == len(samples) and all(t >= 0 for _, t in samples)

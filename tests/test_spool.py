@@ -28,8 +28,8 @@ def test_the_file_is_unlinked_and_truncated_when_caught_up(tmp_path: Path) -> No
     spool = Spool(1 << 20, str(tmp_path))
     spool.push(BINARY, b"x" * 10000)
     assert list(tmp_path.iterdir()) == []
-    assert spool._file is not None
-    fd = spool._file.fileno()
+    assert len(spool._files) == 1
+    fd = spool._files[0].file.fileno()
     assert os.fstat(fd).st_size == 10005
     spool.pop()
     assert os.fstat(fd).st_size == 0 and spool.bytes_waiting == 0
@@ -63,3 +63,27 @@ def test_a_disk_error_is_a_refusal_not_an_exception(tmp_path: Path, monkeypatch:
 def test_zero_bytes_means_no_spool(tmp_path: Path) -> None:
     """max_spool_mb 0 turns spooling off: every push is refused."""
     assert not Spool(0, str(tmp_path)).push(BINARY, b"a")
+
+
+def test_disk_use_is_bounded_when_the_reader_never_catches_up(tmp_path: Path) -> None:
+    """A stream that always has messages waiting still gives disk space back: files rotate every
+    file_bytes and each is closed once read through, so the disk holds at most the waiting bytes plus
+    one file."""
+    spool = Spool(4000, str(tmp_path), file_bytes=1000)
+    order = 0
+    popped = 0
+    peak_disk = 0
+    for _ in range(200):  # push two, pop one... then drain: never empty until the end
+        for _ in range(2 if order < 300 else 0):
+            if spool.push(BINARY, order.to_bytes(4, "big") + b"z" * 95):
+                order += 1
+        got = spool.pop()
+        assert got is not None and got[1][:4] == popped.to_bytes(4, "big"), "order kept across files"
+        popped += 1
+        peak_disk = max(peak_disk, spool.disk_bytes)
+        assert spool.disk_bytes <= spool.bytes_waiting + 1000 + 100
+    assert popped == 200 and spool.pending and len(spool._files) >= 2
+    assert peak_disk <= 4000 + 1100
+    while spool.pop() is not None:
+        popped += 1
+    assert popped == order and spool.disk_bytes == 0 and len(spool._files) == 1
