@@ -20,7 +20,10 @@ Scheduling for tail latency (README, "Batching and scheduling"):
   live finals were seen in the last ``LIVE_RECENT_S``; bulk finals run one per call;
 - **shedding, in order**: an interim is refused while any final waits (or, with several workers, when
   it would take the reserved one); a speculative final is refused when it would wait behind another
-  final. So when everyone talks at once, interims go first, then speculation; finals are never refused.
+  final. So when everyone talks at once, interims go first, then speculation; finals are never refused;
+- **unwanted calls stopped**: when every request of a running call has been cancelled (a speculative
+  final whose speaker resumed), an engine that can (:class:`~stream_server.engines.base.AbortableEngine`:
+  ONNX Runtime) stops the call, and the worker is free at once instead of after the whole call.
 
 Finals are never dropped: ``submit_final`` waits for room, and that wait is the back-pressure the
 transport applies to the stream. Interims are skipped when they have waited too long.
@@ -38,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .config import BatchConfig, batch_size_for
-from .engines.base import Engine, TranscribeRequest, Transcript
+from .engines.base import AbortableEngine, CallAborted, Engine, TranscribeRequest, Transcript
 from .errors import BatcherClosed, EngineError, InterimSkipped
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class BatchReport:
         failed: the engine raised.
         speculative: how many of the requests were speculative finals.
         worker: which worker ran it (0 .. workers - 1).
+        aborted: stopped while running because every request in it had been cancelled (its time is
+            not the call's).
     """
 
     size: int
@@ -70,6 +75,7 @@ class BatchReport:
     failed: bool
     speculative: int = 0
     worker: int = 0
+    aborted: bool = False
 
 
 @dataclass(eq=False)
@@ -335,24 +341,56 @@ class Batcher:
             queue.remove(item)
         return [first, *chosen]
 
-    async def _call(self, batch: list[_Item]) -> bool:
-        """One engine call. On success resolve every future and return True; on failure set the
-        exception on every future only when the batch has one request (callers retry bigger ones)."""
+    async def _call(self, batch: list[_Item]) -> str:
+        """One engine call: ``"ok"`` (every future resolved), ``"failed"`` (the exception set on the
+        future only when the batch has one request: callers retry bigger ones) or ``"aborted"`` (every
+        request was cancelled while it ran, and the engine stopped the call)."""
         loop = asyncio.get_running_loop()
         requests = [item.request for item in batch]
+        unwatch = self._abort_when_unwanted(batch, requests)
         try:
             transcripts = await loop.run_in_executor(self._executor, self.engine.transcribe, requests)
             if len(transcripts) != len(batch):
                 raise EngineError(f"engine returned {len(transcripts)} transcripts for {len(batch)} requests")
+        except CallAborted:
+            logger.debug("call of %d aborted: every request was cancelled", len(batch))
+            return "aborted"
         except Exception as exc:
             logger.error("batch of %d failed: %s", len(batch), exc, exc_info=not isinstance(exc, EngineError))
             if len(batch) == 1 and not batch[0].future.done():
                 batch[0].future.set_exception(exc)
-            return False
+            return "failed"
+        finally:
+            unwatch()
         for item, transcript in zip(batch, transcripts, strict=True):
             if not item.future.done():
                 item.future.set_result(transcript)
-        return True
+        return "ok"
+
+    def _abort_when_unwanted(
+        self, batch: list[_Item], requests: list[TranscribeRequest]
+    ) -> Callable[[], None]:
+        """While the call runs, stop it once every one of its futures is cancelled (the engine permitting).
+
+        Returns:
+            What removes the watch (when the call is over).
+        """
+        engine = self.engine
+        if not isinstance(engine, AbortableEngine):
+            return lambda: None
+
+        def check(_: object) -> None:
+            if all(item.future.cancelled() for item in batch):
+                engine.abort(requests)
+
+        for item in batch:
+            item.future.add_done_callback(check)
+
+        def unwatch() -> None:
+            for item in batch:
+                item.future.remove_done_callback(check)
+
+        return unwatch
 
     async def _execute(self, batch: list[_Item], worker: int) -> None:
         batch = [item for item in batch if not item.future.done()]
@@ -361,11 +399,10 @@ class Batcher:
         requests = [item.request for item in batch]
         started = time.monotonic()
         wait_s = started - min(item.enqueued_s for item in batch)
-        failed = False
         self._running[worker] = batch
         try:
-            failed = not await self._call(batch)
-            if failed and len(batch) > 1:
+            outcome = await self._call(batch)
+            if outcome == "failed" and len(batch) > 1:
                 # Isolate the request that broke the batch (or a batch too big for memory): run each alone.
                 logger.warning("retrying the %d requests of the failed batch one by one", len(batch))
                 for item in batch:
@@ -381,8 +418,9 @@ class Batcher:
                     audio_s=sum(r.duration_s for r in requests),
                     inference_s=time.monotonic() - started,
                     queue_wait_s=wait_s,
-                    failed=failed,
+                    failed=outcome == "failed",
                     speculative=sum(1 for item in batch if item.speculative),
                     worker=worker,
+                    aborted=outcome == "aborted",
                 )
             )

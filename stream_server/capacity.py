@@ -12,7 +12,14 @@ and kept up to date:
   last ``window_s``; a stream counts at least as a *typical* conversational stream (``speech_ratio`` of
   speech in segments of ``segment_s``) until it has been open ``min_history_s``, and at least the
   typical stream after that too, so a quiet stream keeps its seat for when it speaks;
+- **the servers' busy time**: the share of time calls for finals ran (speculative ones included,
+  wasted or not); once the server has run ``min_history_s``, the open streams use at least that, which
+  catches what the streams' finals alone leave out;
 - **the finals' own latency** (segment close to final sent), as the check on the model.
+
+Workers whose threads share the cores (the ONNX default: every worker may use every core) are one
+*server*: their calls overlap and slow each other, so the queue is modelled with one server at the
+speed of a lone call, and the busy time is the union of the calls' intervals.
 
 The streams' demand, in worker-seconds per second, divided by the workers is the load ``ρ``. How much
 load meets the target comes from a queueing estimate: finals arrive at random, are served by ``c``
@@ -46,13 +53,20 @@ class CapacitySettings:
     """What admission aims at and assumes about a new stream.
 
     Attributes:
-        workers: engine calls that run at once.
+        workers: engine calls that run at once on cores of their own: the engine's workers, or fewer
+            when their threads share the cores (two workers of two threads on two cores count as one
+            server whose calls sometimes overlap).
         admission: refuse streams beyond capacity (false: only report it).
         target_latency_s: end of speech to final, endpointing included.
         endpointing_s: the server's default endpointing silence (the part of the target the model
             cannot use).
         speculative_s: when speculative finals start (0: off); the model may then start this long into
             the pause instead of at its end.
+        vad_lag_s: how much later than the true end of speech the VAD starts counting the pause (the
+            default VAD's p95 on real recordings, ``load_tests/vad_lag.py``: 180 ms); the target spends it.
+        speculation_waste: calls per final spent on speculative finals whose speaker resumed, before
+            anything is measured (about 0.4-0.7 were measured at 200 ms on recorded conversation; the
+            measured busy time replaces this once the server has run ``min_history_s``).
         speech_ratio: share of a typical stream's time that is speech (a two-party conversation: 0.5).
         segment_s: mean length of a typical stream's segments.
         max_segment_s: no segment is longer (the session core cuts it).
@@ -66,6 +80,8 @@ class CapacitySettings:
     target_latency_s: float = 1.0
     endpointing_s: float = 0.5
     speculative_s: float = 0.2
+    vad_lag_s: float = 0.18
+    speculation_waste: float = 0.5
     speech_ratio: float = 0.5
     segment_s: float = 3.0
     max_segment_s: float = 20.0
@@ -83,13 +99,13 @@ class CapacitySettings:
         head_start = (
             self.endpointing_s - self.speculative_s if 0 < self.speculative_s < self.endpointing_s else 0
         )
-        return self.target_latency_s - self.endpointing_s + head_start
+        return self.target_latency_s - self.endpointing_s - self.vad_lag_s + head_start
 
     @property
     def final_budget_s(self) -> float:
         """Time the target leaves from the segment's close (after the endpointing silence) to its final:
         what the finals' measured latency is held to."""
-        return max(0.0, self.target_latency_s - self.endpointing_s)
+        return max(0.0, self.target_latency_s - self.endpointing_s - self.vad_lag_s)
 
 
 class SpeedModel:
@@ -148,7 +164,7 @@ class CapacityState:
         load: the open streams' demand as a share of ``max_load`` (1.0 = at capacity).
         demand: the open streams' demand in worker-seconds per second.
         max_load: ``ρ_max``, the utilization at which finals still meet the target.
-        utilization: the share of worker time spent on finals over the last window (measured).
+        utilization: the share of the servers' time spent on finals over the last window (measured).
         final_p95_s: 95th percentile of segment close to final over the window, None before 20 finals.
         call_s: the speed model's ``(a, b)``.
         typical_demand: a typical stream's demand, worker-seconds per second.
@@ -194,7 +210,7 @@ class CapacityModel:
         self.speed = speed or SpeedModel()
         self._streams: dict[Hashable, _Stream] = {}
         self._calls: deque[tuple[float, float, float]] = deque()  # (when, audio seconds, seconds)
-        self._busy: deque[tuple[float, float]] = deque()  # (when, worker seconds on finals)
+        self._busy: deque[tuple[float, float]] = deque()  # (when it ended, seconds) of calls for finals
         self._latencies: deque[tuple[float, float]] = deque()  # (when, close -> final seconds)
         self._started_s: float | None = None
 
@@ -205,13 +221,19 @@ class CapacityModel:
         for audio_s, seconds in samples:
             self.speed.observe(audio_s, seconds)
 
-    def observe_call(self, now_s: float, *, audio_s: float, seconds: float, size: int, interim: bool) -> None:
-        """An engine call finished (the batcher's report)."""
+    def observe_call(
+        self, now_s: float, *, audio_s: float, seconds: float, size: int, interim: bool, aborted: bool = False
+    ) -> None:
+        """An engine call finished (the batcher's report). Interims are not counted (they are shed
+        first); speculative finals are, wasted or not. An aborted call's time counts as busy time but
+        says nothing about the engine's speed."""
         self._mark(now_s)
         if interim or size < 1:
             return
-        self.speed.observe(audio_s, seconds)
         self._busy.append((now_s, seconds))
+        if aborted:
+            return
+        self.speed.observe(audio_s, seconds)
         self._calls.append((now_s, audio_s, seconds))  # each final of a batch waits for the whole call
 
     def observe_latency(self, now_s: float, seconds: float) -> None:
@@ -236,10 +258,12 @@ class CapacityModel:
     # -- Estimates ----------------------------------------------------------------------------------
 
     def typical_demand(self) -> float:
-        """Worker-seconds per second of a typical stream: its finals' arrival rate times their call time."""
+        """Worker-seconds per second of a typical stream: its finals' arrival rate times their call time,
+        plus the speculation that speech overtakes (when speculative finals are on)."""
         s = self.settings
         rate = s.speech_ratio / s.segment_s
-        return rate * self.speed.call_s(s.segment_s)
+        waste = s.speculation_waste if s.speculative_s > 0 else 0.0
+        return rate * self.speed.call_s(s.segment_s) * (1 + waste)
 
     def stream_demand(self, key: Hashable, now_s: float) -> float:
         """A stream's demand: what it used over the window, at least a typical stream's."""
@@ -289,23 +313,47 @@ class CapacityModel:
             service_times_s=calls,
         )
 
+    def utilization(self, now_s: float) -> float:
+        """Measured share of the servers' time in calls for finals (speculative ones included, wasted or
+        not) over the window: with one server, the share of time at least one call ran; with several,
+        the calls' seconds over the servers' time. 0 in the first second."""
+        s = self.settings
+        self._trim(self._busy, now_s)
+        span = min(s.window_s, now_s - (self._started_s if self._started_s is not None else now_s))
+        if span <= 1:
+            return 0.0
+        start = now_s - span
+        if s.workers > 1:
+            return min(1.0, sum(min(x, end - start) for end, x in self._busy) / (span * s.workers))
+        # One server whose calls may overlap: the union of the calls' intervals.
+        busy = 0.0
+        reach = start
+        for begin, end in sorted((max(start, end - x), end) for end, x in self._busy):
+            if end > reach:
+                busy += end - max(begin, reach)
+                reach = end
+        return min(1.0, busy / span)
+
     def state(self, now_s: float) -> CapacityState:
         """Everything admission and the endpoints report, now."""
         s = self.settings
         typical = self.typical_demand()
+        utilization = self.utilization(now_s)
+        # What the open streams use: each one's finals (at least a typical stream), or what the servers
+        # were measured to be busy with, when more (it also holds wasted speculation).
         demand = sum(self.stream_demand(key, now_s) for key in self._streams)
+        if self._streams and self._history_s(now_s) >= s.min_history_s:
+            demand = max(demand, utilization * s.workers)
+        per_stream = max(typical, demand / len(self._streams)) if self._streams else typical
         rho_max = self.max_load(now_s)
         budget = rho_max * s.workers
-        if typical > 0:
-            capacity = max(1, int(budget / typical + 1e-9))
-            left = max(0, int((budget - demand) / typical + 1e-9))
+        if per_stream > 0:
+            capacity = max(1, int(budget / per_stream + 1e-9))
+            left = max(0, int((budget - demand) / per_stream + 1e-9))
         else:  # not calibrated: nothing known, nothing refused
             capacity, left = 1_000_000, 1_000_000
         if not self._streams and left < 1:
             left = 1  # one stream is always served, even when the target is out of reach
-        self._trim(self._busy, now_s)
-        span = min(s.window_s, now_s - (self._started_s if self._started_s is not None else now_s))
-        utilization = sum(x for _, x in self._busy) / (span * s.workers) if span > 1 else 0.0
         p95 = self.final_p95(now_s)
         reason = ""
         if left < 1:
@@ -338,6 +386,9 @@ class CapacityModel:
         return values[min(len(values) - 1, int(math.ceil(0.95 * len(values))) - 1)]
 
     # -- Internals ----------------------------------------------------------------------------------
+
+    def _history_s(self, now_s: float) -> float:
+        return now_s - self._started_s if self._started_s is not None else 0.0
 
     def _mark(self, now_s: float) -> None:
         if self._started_s is None:

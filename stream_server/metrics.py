@@ -128,6 +128,12 @@ class Metrics:
             registry=r,
         )
         self.batch_failures = Counter("stream_batch_failures_total", "Model calls that raised", registry=r)
+        self.aborted_calls = Counter(
+            "stream_engine_aborted_calls_total",
+            "Model calls stopped while running because no one wanted their answers any more (a "
+            "speculative final whose speaker resumed)",
+            registry=r,
+        )
         self.final_latency_seconds = Histogram(
             "stream_final_latency_seconds",
             "From the arrival of the audio that closed a segment to its final being sent "
@@ -192,6 +198,8 @@ class Metrics:
             self.real_time_factor.labels(kind).set(report.inference_s / report.audio_s)
         if report.failed:
             self.batch_failures.inc()
+        if report.aborted:
+            self.aborted_calls.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,7 +38,7 @@ from aiohttp import WSMsgType, web
 from . import __version__
 from .batcher import Batcher, BatchReport
 from .capacity import CapacityModel, CapacitySettings, calibration_clips
-from .config import Config
+from .config import Config, default_threads
 from .engines.base import SAMPLE_RATE_HZ, Engine, EngineInfo, TranscribeRequest
 from .errors import BadRequest, BatcherClosed, InterimSkipped
 from .metrics import Metrics
@@ -67,18 +67,29 @@ RETRY_AFTER_CAPACITY_S = 5
 """``Retry-After`` on a refusal at capacity: streams end and quiet ones are re-measured within seconds."""
 
 
-def measure_engine_speed(engine: Engine) -> list[tuple[float, float]]:
-    """Time calls per calibration length on low noise, as many at once as the engine runs (run off the
-    event loop, after warm-up), twice.
+def capacity_servers(info: EngineInfo, cores: int) -> int:
+    """Engine calls that run at once on cores of their own: the workers, or one when their threads
+    together want more cores than there are (ONNX workers that may each use every core)."""
+    workers = max(1, info.max_concurrent_calls)
+    try:
+        threads = max(1, int(info.extras.get("threads", "1")))
+    except ValueError:
+        threads = 1
+    return workers if workers * threads <= max(1, cores) else max(1, min(workers, cores // threads))
 
-    Calls run in every worker at once because that is the speed that matters when finals queue: two
-    workers sharing the cores each run slower than a lone call (on 2 cores with 2 threads per worker,
-    about 1.7x). At low load real calls are faster than this; the live fit corrects it as finals come.
+
+def measure_engine_speed(engine: Engine, at_once: int = 1) -> list[tuple[float, float]]:
+    """Time calls per calibration length on low noise, ``at_once`` at a time (run off the event loop,
+    after warm-up), twice.
+
+    With workers on cores of their own, they run all at once, because that is the speed that matters
+    when finals queue (they still share memory bandwidth). Workers that share the cores are one server
+    (:func:`capacity_servers`), timed one call at a time.
 
     Returns:
         ``(audio seconds, call seconds)`` pairs for :meth:`CapacityModel.calibrate`.
     """
-    workers = max(1, engine.info.max_concurrent_calls)
+    workers = max(1, at_once)
     rng = np.random.default_rng(0)
 
     def timed(clip: np.ndarray) -> float:
@@ -221,7 +232,8 @@ class Server:
             loop = asyncio.get_running_loop()
             engine = await loop.run_in_executor(None, self._engine_loader)
             if self.config.engine.warmup:
-                self._calibration = await loop.run_in_executor(None, measure_engine_speed, engine)
+                servers = capacity_servers(engine.info, default_threads())
+                self._calibration = await loop.run_in_executor(None, measure_engine_speed, engine, servers)
         except Exception as exc:
             self.state = FAILED
             self.load_error = str(exc) or type(exc).__name__
@@ -236,7 +248,9 @@ class Server:
         self.engine = engine
         self.batcher = Batcher(engine, self.config.batch, on_batch=self._on_batch)
         self.batcher.start()
-        self.capacity = CapacityModel(self._capacity_settings(self.batcher.workers))
+        self.capacity = CapacityModel(
+            self._capacity_settings(capacity_servers(engine.info, default_threads()))
+        )
         self.capacity.calibrate(self._calibration)
         self.metrics.engine_workers.set(self.batcher.workers)
         info = engine.info
@@ -251,9 +265,10 @@ class Server:
         state = self.capacity.state(time.monotonic())
         a, b = state.call_s
         logger.info(
-            "capacity: %d worker(s); a call takes %.3f s + %.3f s per audio second; about %s typical "
-            "streams at the %d ms target (typical: %.0f %% speech in %.1f s segments)%s",
+            "capacity: %d worker(s) as %d server(s); a call takes %.3f s + %.3f s per audio second; "
+            "about %s typical streams at the %d ms target (typical: %.0f %% speech in %.1f s segments)%s",
             self.batcher.workers,
+            self.capacity.settings.workers,
             a,
             b,
             state.capacity_sessions if self.capacity.typical_demand() > 0 else "unlimited",
@@ -293,6 +308,7 @@ class Server:
                 seconds=report.inference_s,
                 size=report.size,
                 interim=report.interim,
+                aborted=report.aborted,
             )
 
     def capacity_state(self) -> dict[str, Any] | None:
@@ -313,6 +329,7 @@ class Server:
             "admission": self.config.limits.admission,
             "final_p95_ms": None if state.final_p95_s is None else round(1000 * state.final_p95_s),
             "workers": self.batcher.workers if self.batcher is not None else 0,
+            "servers": self.capacity.settings.workers,
             "call_s": {"fixed": round(a, 4), "per_audio_second": round(b, 4)},
         }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 from stream_server.batcher import Batcher, BatchReport
 from stream_server.config import BatchConfig
-from stream_server.engines.base import TranscribeRequest
+from stream_server.engines.base import CallAborted, TranscribeRequest, Transcript
 from stream_server.errors import BatcherClosed
 
 from .fakes import FakeEngine
@@ -345,3 +347,64 @@ def test_batch_size_zero_means_what_the_engine_prefers() -> None:
     assert Batcher(prefers_one, BatchConfig()).max_batch_size == 1
     assert Batcher(FakeEngine(), BatchConfig()).max_batch_size == 8
     assert Batcher(prefers_one, BatchConfig(max_batch_size=3)).max_batch_size == 3
+
+
+class AbortableFake(FakeEngine):
+    """A call runs until released or aborted; aborting raises CallAborted, as ONNX Runtime's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._info = replace(self._info, max_concurrent_calls=2)
+        self.started = threading.Event()
+        self.stop = threading.Event()
+        self.aborts: list[int] = []
+
+    def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
+        self.started.set()
+        if requests[0].audio[0] == np.float32(0.9):  # the slow kind: waits to be released or aborted
+            if not self.stop.wait(10):
+                raise AssertionError("neither released nor aborted")
+            if self.aborts:
+                raise CallAborted("aborted")
+        return super().transcribe(requests)
+
+    def abort(self, requests: Sequence[TranscribeRequest]) -> bool:
+        self.aborts.append(len(requests))
+        self.stop.set()
+        return True
+
+
+async def test_a_running_call_nobody_wants_is_aborted_and_reported_as_such() -> None:
+    """Cancelling every request of a running call (a speculation overtaken by speech) makes the batcher
+    abort it: no failure, no retry, the worker free for the next final, the report marked aborted."""
+    engine = AbortableFake()
+    reports: list[BatchReport] = []
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0), on_batch=reports.append)
+    batcher.start()
+    speculative = batcher.submit_speculative(req(2.0, marker=0.9))
+    assert speculative is not None
+    await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+    speculative.cancel()
+    final = await asyncio.wait_for(batcher.submit_final(req(1.0)), 5)
+    await batcher.stop()
+    assert final.text == "clip 1.00" and engine.aborts == [1]
+    aborted = [r for r in reports if r.aborted]
+    assert len(aborted) == 1 and not aborted[0].failed and aborted[0].speculative == 1
+    assert len(engine.batches) == 1, "the aborted call never reached the fake's transcript, nor a retry"
+
+
+async def test_a_call_someone_still_waits_for_is_not_aborted() -> None:
+    """A running call whose request is still wanted runs to the end even when a queued one is cancelled."""
+    engine = AbortableFake()
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0))
+    batcher.start()
+    wanted = asyncio.ensure_future(batcher.submit_final(req(2.0, marker=0.9)))
+    await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+    other = batcher.submit_speculative(req(1.0, marker=0.2))
+    assert other is not None
+    other.cancel()
+    await asyncio.sleep(0.05)
+    assert engine.aborts == []
+    engine.stop.set()
+    assert (await asyncio.wait_for(wanted, 5)).text == "clip 2.00"
+    await batcher.stop()

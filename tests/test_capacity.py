@@ -21,10 +21,17 @@ from stream_server.capacity import (
     wait_tail,
 )
 from stream_server.engines.base import TranscribeRequest, Transcript
-from stream_server.transport import measure_engine_speed
+from stream_server.transport import capacity_servers, measure_engine_speed
 from tests.fakes import FakeEngine
 
-SETTINGS = CapacitySettings(workers=1, target_latency_s=1.0, endpointing_s=0.5, speculative_s=0.2)
+SETTINGS = CapacitySettings(
+    workers=1,
+    target_latency_s=1.0,
+    endpointing_s=0.5,
+    speculative_s=0.2,
+    vad_lag_s=0.0,
+    speculation_waste=0.0,
+)
 CALIBRATION = [(x, 0.02 + 0.03 * x) for x in (1.0, 2.0, 4.0, 8.0)] * 2
 """A model taking 20 ms + 30 ms per second of audio (ONNX int8 on 2 cores is about 0.06 s/s)."""
 
@@ -224,6 +231,40 @@ def test_calibration_times_calls_in_every_worker_at_once() -> None:
             return super().transcribe(requests)
 
     engine = TwoAtOnce()
-    samples = measure_engine_speed(engine)
+    samples = measure_engine_speed(engine, at_once=2)
     assert [x for x, _ in samples] == [x for x in calibration_clips(8.0) for _ in range(4)]
     assert len(engine.batches) == len(samples) and all(t >= 0 for _, t in samples)
+
+
+def test_workers_that_share_the_cores_are_one_server() -> None:
+    """Two workers of one thread on two cores are two servers; two workers of two threads each (the
+    ONNX default) share the cores and are one; one worker is one."""
+    from stream_server.engines.base import EngineInfo
+
+    def info(workers: int, threads: int) -> EngineInfo:
+        return EngineInfo(
+            "e", "m", "cpu", "int8", ("en",), max_concurrent_calls=workers, extras={"threads": str(threads)}
+        )
+
+    assert capacity_servers(info(2, 1), cores=2) == 2
+    assert capacity_servers(info(2, 2), cores=2) == 1
+    assert capacity_servers(info(4, 2), cores=8) == 4 and capacity_servers(info(4, 4), cores=8) == 2
+    assert capacity_servers(info(1, 2), cores=2) == 1
+
+
+def test_measured_busy_time_counts_when_the_streams_finals_leave_it_out() -> None:
+    """After min_history_s, the open streams use at least what the server was measured busy with
+    (wasted speculation, say): overlapping calls on one server count once, and seats fall with it."""
+    m = model()
+    m.open("a", 0.0)
+    before = m.state(0.0)
+    for i in range(60):  # a call of 0.5 s every second, two at once half the time: 50 % busy
+        # 16 s of audio in 0.5 s: what the calibrated speed says, so only the busy time is news.
+        m.observe_call(float(i) + 0.5, audio_s=16.0, seconds=0.5, size=1, interim=False)
+        if i % 2:
+            m.observe_call(float(i) + 0.5, audio_s=16.0, seconds=0.5, size=1, interim=False, aborted=True)
+    m.observe_call(60.0, audio_s=5.0, seconds=3.0, size=1, interim=True)  # interims are shed: not counted
+    assert m.utilization(60.0) == pytest.approx(0.5, abs=0.02)
+    busy = m.state(60.0)
+    assert before.sessions_left >= 2 and before.demand < 0.1
+    assert busy.demand == pytest.approx(0.5, abs=0.02) and busy.sessions_left < before.sessions_left

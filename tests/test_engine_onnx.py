@@ -17,7 +17,7 @@ import torch
 
 from stream_server.config import EngineConfig
 from stream_server.engines import onnx_export
-from stream_server.engines.base import SAMPLE_RATE_HZ, TranscribeRequest, Transcript
+from stream_server.engines.base import SAMPLE_RATE_HZ, CallAborted, TranscribeRequest, Transcript
 from stream_server.engines.loader import load_sensevoice
 from stream_server.engines.sensevoice import SenseVoiceCore, SenseVoiceEngine
 from stream_server.engines.sensevoice_onnx import SenseVoiceOnnxEngine
@@ -130,6 +130,29 @@ def test_workers_run_at_once_and_agree_with_one_at_a_time(small_model_dir: Path,
     with ThreadPoolExecutor(max_workers=2) as pool:
         together = [t[0].text for t in pool.map(engine.transcribe, batches)]
     assert together == alone
+
+
+def test_abort_stops_the_running_call_and_only_that_one(onnx_fp32: SenseVoiceOnnxEngine) -> None:
+    """abort() on a call's requests makes ONNX Runtime's run of that call stop (CallAborted); the next
+    call runs normally, and abort of requests that are not running does nothing."""
+    requests = [TranscribeRequest(noise(3.0, 40))]
+    assert not onnx_fp32.abort(requests), "nothing running"
+    expected = onnx_fp32.transcribe(requests)[0].text
+    real_features = onnx_fp32._features
+    told: list[bool] = []
+
+    def abort_then_features(audio: npt.NDArray[np.float32]) -> torch.Tensor:
+        told.append(onnx_fp32.abort(requests))  # inside the call, before ONNX Runtime runs
+        return real_features(audio)
+
+    onnx_fp32._features = abort_then_features  # type: ignore[method-assign]
+    try:
+        with pytest.raises(CallAborted):
+            onnx_fp32.transcribe(requests)
+    finally:
+        del onnx_fp32._features
+    assert told == [True] and onnx_fp32._running == {}
+    assert onnx_fp32.transcribe(requests)[0].text == expected
 
 
 def test_export_is_cached_and_keyed_by_the_model_files(

@@ -148,3 +148,26 @@ class Engine(Protocol):
     def warmup(self, max_batch_size: int, max_audio_s: float) -> None:
         """Run the largest batch of the longest clips once, so memory reaches its ceiling at start-up."""
         ...
+
+
+class CallAborted(Exception):
+    """Raised by :meth:`Engine.transcribe` when :meth:`AbortableEngine.abort` stopped the call."""
+
+
+@runtime_checkable
+class AbortableEngine(Protocol):
+    """An engine that can stop a call already running (ONNX Runtime's ``RunOptions.terminate``).
+
+    The batcher aborts a call only when no one wants any of its answers any more: a speculative final
+    whose segment went on (the speaker resumed). The CPU goes back to other sessions' finals at once
+    instead of after the whole call.
+    """
+
+    def abort(self, requests: Sequence[TranscribeRequest]) -> bool:
+        """Stop the call running ``requests`` (the list given to :meth:`Engine.transcribe`), from any
+        thread. That call then raises :class:`CallAborted` soon after.
+
+        Returns:
+            True when such a call was running and was told to stop.
+        """
+        ...

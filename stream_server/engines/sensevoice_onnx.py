@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 from ..config import EngineConfig, default_threads
 from ..errors import ConfigError, EngineError
 from . import hub, onnx_export
+from .base import CallAborted, TranscribeRequest, Transcript
 from .sensevoice import (
     Dtype,
     SenseVoiceCore,
@@ -141,6 +143,46 @@ class SenseVoiceOnnxEngine(SenseVoiceCore):
         self._session = session
         self._onnx_path = onnx_path
         self._workers = workers
+        self._local = threading.local()  # this thread's call: its RunOptions
+        self._running: dict[int, Any] = {}  # id(first request) -> RunOptions of the call running it
+        self._running_lock = threading.Lock()
+
+    def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
+        """Transcribe a batch (:meth:`SenseVoiceCore.transcribe`), stoppable by :meth:`abort`.
+
+        Raises:
+            CallAborted: :meth:`abort` stopped it.
+        """
+        import onnxruntime as ort
+
+        if not requests:
+            return []
+        options = ort.RunOptions()
+        key = id(requests[0])
+        with self._running_lock:
+            self._running[key] = options
+        self._local.run_options = options
+        try:
+            return super().transcribe(requests)
+        except Exception as exc:
+            if options.terminate:
+                raise CallAborted("the call was aborted") from exc
+            raise
+        finally:
+            self._local.run_options = None
+            with self._running_lock:
+                self._running.pop(key, None)
+
+    def abort(self, requests: Sequence[TranscribeRequest]) -> bool:
+        """Tell the run of the call on ``requests`` to stop (ONNX Runtime checks between kernels)."""
+        if not requests:
+            return False
+        with self._running_lock:
+            options = self._running.get(id(requests[0]))
+        if options is None:
+            return False
+        options.terminate = True
+        return True
 
     @classmethod
     def load(
@@ -265,7 +307,7 @@ class SenseVoiceOnnxEngine(SenseVoiceCore):
             "language": np.full(count, LANGUAGE_IDS.get(language, 0), dtype=np.int32),
             "textnorm": np.full(count, TEXTNORM_IDS["withitn" if use_itn else "woitn"], dtype=np.int32),
         }
-        logits, _ = self._session.run(None, inputs)
+        logits, _ = self._session.run(None, inputs, getattr(self._local, "run_options", None))
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
 
 
