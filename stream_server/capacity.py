@@ -32,11 +32,11 @@ correction for the call-time spread::
 
 and a final of call time ``s`` is late when its wait exceeds ``budget - s``, so the share of late finals
 is that tail averaged over the call times (the measured ones of the window, or the prior's: exponential
-segment lengths). ``ρ_max`` is the largest ρ at which at most 5 % are late (0 when more than 5 % of calls
-are longer than the budget on their own); a new stream is admitted when the load with it stays under
-``ρ_max``, and when the finals' measured p95 from segment close to final is within what the target
-leaves after the endpointing silence. Interims are not
-counted: they are shed first under load (README, "Batching and scheduling").
+segment lengths). ``ρ_max`` is the largest ρ at which waiting makes at most 5 % more finals late than an
+idle server would (a segment whose call alone outlasts the budget is late whatever the load, and no
+refusal helps it); a new stream is admitted when the load with it stays under ``ρ_max``, and while the
+finals' measured p95 wait for a worker stays within what the budget leaves after a median call.
+Interims are not counted: they are shed first under load (README, "Batching and scheduling").
 """
 
 from __future__ import annotations
@@ -212,6 +212,7 @@ class CapacityModel:
         self._calls: deque[tuple[float, float, float]] = deque()  # (when, audio seconds, seconds)
         self._busy: deque[tuple[float, float]] = deque()  # (when it ended, seconds) of calls for finals
         self._latencies: deque[tuple[float, float]] = deque()  # (when, close -> final seconds)
+        self._waits: deque[tuple[float, float]] = deque()  # (when, seconds a final call waited to start)
         self._started_s: float | None = None
 
     # -- Inputs -------------------------------------------------------------------------------------
@@ -222,7 +223,15 @@ class CapacityModel:
             self.speed.observe(audio_s, seconds)
 
     def observe_call(
-        self, now_s: float, *, audio_s: float, seconds: float, size: int, interim: bool, aborted: bool = False
+        self,
+        now_s: float,
+        *,
+        audio_s: float,
+        seconds: float,
+        size: int,
+        interim: bool,
+        aborted: bool = False,
+        queue_wait_s: float = 0.0,
     ) -> None:
         """An engine call finished (the batcher's report). Interims are not counted (they are shed
         first); speculative finals are, wasted or not. An aborted call's time counts as busy time but
@@ -233,6 +242,7 @@ class CapacityModel:
         self._busy.append((now_s, seconds))
         if aborted:
             return
+        self._waits.append((now_s, queue_wait_s))
         self.speed.observe(audio_s, seconds)
         self._calls.append((now_s, audio_s, seconds))  # each final of a batch waits for the whole call
 
@@ -355,12 +365,15 @@ class CapacityModel:
         if not self._streams and left < 1:
             left = 1  # one stream is always served, even when the target is out of reach
         p95 = self.final_p95(now_s)
+        wait_p95 = self._p95(self._waits, now_s)
+        wait_budget = self.wait_budget_s(now_s)
         reason = ""
         if left < 1:
             reason = f"the open streams use {demand:.2f} of {budget:.2f} worker-seconds per second"
-        elif p95 is not None and p95 > s.final_budget_s and self._streams:
+        elif wait_p95 is not None and wait_p95 > wait_budget and self._streams:
             reason = (
-                f"finals are late: p95 {p95:.2f} s after the segment closes (budget {s.final_budget_s:.2f} s)"
+                f"finals wait too long for the model: p95 {wait_p95:.2f} s (budget {wait_budget:.2f} s; "
+                f"p95 from segment close to final {p95 if p95 is not None else math.nan:.2f} s)"
             )
         return CapacityState(
             sessions=len(self._streams),
@@ -379,10 +392,24 @@ class CapacityModel:
 
     def final_p95(self, now_s: float) -> float | None:
         """95th percentile of close-to-final latency over the window (None before enough finals)."""
-        self._trim(self._latencies, now_s)
-        if len(self._latencies) < self.MIN_SAMPLES:
+        return self._p95(self._latencies, now_s)
+
+    def wait_p95(self, now_s: float) -> float | None:
+        """95th percentile of how long final calls waited for a worker (None before enough)."""
+        return self._p95(self._waits, now_s)
+
+    def wait_budget_s(self, now_s: float) -> float:
+        """How long a final may wait for the model: what the budget leaves after a typical (median)
+        call, at least 50 ms."""
+        _, _, calls = self.service_stats(now_s)
+        median = sorted(calls)[len(calls) // 2] if calls else 0.0
+        return max(0.05, self.settings.model_budget_s - median)
+
+    def _p95(self, window: deque[tuple[float, float]], now_s: float) -> float | None:
+        self._trim(window, now_s)
+        if len(window) < self.MIN_SAMPLES:
             return None
-        values = sorted(x for _, x in self._latencies)
+        values = sorted(x for _, x in window)
         return values[min(len(values) - 1, int(math.ceil(0.95 * len(values))) - 1)]
 
     # -- Internals ----------------------------------------------------------------------------------
@@ -425,6 +452,10 @@ def wait_tail(*, workers: int, rho: float, mean_service_s: float, service_cv2: f
     return c * math.exp(-rate * t_s)
 
 
+UNREACHABLE_SHARE = 0.5
+"""When more finals than this are late on an idle server, the target is out of reach (ρ_max = 0)."""
+
+
 def late_share(
     *,
     workers: int,
@@ -456,10 +487,11 @@ def max_utilization(
     quantile: float,
     service_times_s: Sequence[float] = (0.0,),
 ) -> float:
-    """The largest utilization at which at most ``1 - quantile`` of finals wait longer than
-    ``wait_budget_s`` minus their own call time (``service_times_s``: the calls' spread of lengths; by
-    default the budget is for the wait alone). 0 when even an idle server cannot meet it: too many calls
-    are longer than the budget on their own."""
+    """The largest utilization at which waiting makes at most ``1 - quantile`` more finals late than on
+    an idle server, a final being late when it waits longer than ``wait_budget_s`` minus its own call
+    time (``service_times_s``: the calls' spread of lengths; by default the budget is for the wait
+    alone). Calls longer than the budget on their own are late at any load and are not held against it;
+    but when more than ``UNREACHABLE_SHARE`` of them are, the target is out of reach: 0."""
     allowed = 1 - quantile
 
     def late(rho: float) -> float:
@@ -473,8 +505,10 @@ def max_utilization(
         )
 
     lo, hi = 0.0, 0.999
-    if late(0.0) > allowed:
-        return 0.0
+    idle = late(0.0)
+    if idle > UNREACHABLE_SHARE:
+        return 0.0  # most finals are late even on an idle server: the target is out of reach
+    allowed += idle  # what is late on an idle server no admission can help: only waiting counts
     if late(hi) <= allowed:
         return hi
     for _ in range(50):

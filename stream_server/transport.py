@@ -309,6 +309,7 @@ class Server:
                 size=report.size,
                 interim=report.interim,
                 aborted=report.aborted,
+                queue_wait_s=report.queue_wait_s,
             )
 
     def capacity_state(self) -> dict[str, Any] | None:
