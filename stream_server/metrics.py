@@ -169,7 +169,7 @@ class Metrics:
         )
         self.engine_utilization = Gauge(
             "stream_engine_utilization",
-            "Share of worker time spent on finals over the last minute (measured)",
+            "Share of the servers' time in calls for finals (speculative ones included) over the last minute",
             registry=r,
         )
         self.engine_call_seconds = Gauge(

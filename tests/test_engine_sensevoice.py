@@ -19,6 +19,7 @@ from stream_server.engines.sensevoice import (
     SenseVoiceEngine,
     _Piece,
     default_length_buckets_s,
+    fine_length_buckets_s,
     group_words,
     parse_sensevoice_text,
 )
@@ -109,6 +110,14 @@ def test_default_buckets_step_by_at_most_one_and_a_half_up_to_max_audio() -> Non
     assert default_length_buckets_s(30.0) == (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 30.0)
     assert default_length_buckets_s(25.0) == (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 25.0)
     assert default_length_buckets_s(0.5) == (0.5,)
+
+
+def test_onnx_buckets_step_by_half_a_second_up_to_max_audio() -> None:
+    """The ONNX backend's buckets are every 0.5 s and end at max_audio_s, never past it."""
+    assert fine_length_buckets_s(3.0) == (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+    assert fine_length_buckets_s(2.2) == (0.5, 1.0, 1.5, 2.0, 2.2)
+    assert fine_length_buckets_s(0.3) == (0.3,)
+    assert len(fine_length_buckets_s(20.0)) == 40
 
 
 def test_pieces_group_into_words_like_funasr_post() -> None:
