@@ -468,15 +468,20 @@ class Session:
     def receive_shutdown(self) -> None:
         """The server is going away: finalize what was received, then close with 1001."""
         if self._closing is None:
-            self._immediate.append(
-                Error(
-                    "SERVER_SHUTTING_DOWN",
-                    "The server is shutting down; the open segment is being finalized. "
-                    "Reconnect to continue.",
-                    CloseCode.GOING_AWAY,
+            # The finals still owed go first, then this Error, then Metadata (issue 8: a client that
+            # stops at the first fatal error must not lose them).
+            self._close_stream(CloseRequest(CloseCode.GOING_AWAY, "server shutting down"), metadata=False)
+            self._slots.append(
+                _Slot(
+                    event=Error(
+                        "SERVER_SHUTTING_DOWN",
+                        "The server is shutting down; what this stream sent has been transcribed. "
+                        "Reconnect to continue.",
+                        CloseCode.GOING_AWAY,
+                    )
                 )
             )
-            self._close_stream(CloseRequest(CloseCode.GOING_AWAY, "server shutting down"), metadata=True)
+            self._slots.append(_Slot(event=self._metadata()))
 
     def receive_disconnect(self) -> list[int]:
         """The client vanished. Returns the ids of jobs whose answers nobody will read."""
@@ -809,9 +814,10 @@ class Session:
             return
         assert exc.close_code is not None
         logger.info("session %s: closing: %s", self.identity.request_id, exc)
-        self._immediate.append(Error(exc.code, exc.description, exc.close_code))
-        # Audio already accepted is still transcribed and delivered before the close.
+        # Audio already accepted is still transcribed, and its finals go out before the fatal Error: a
+        # client that stops reading at the first fatal error must not lose the finals it is owed.
         self._close_stream(CloseRequest(exc.close_code, exc.code), metadata=False)
+        self._slots.append(_Slot(event=Error(exc.code, exc.description, exc.close_code)))
 
     def _internal_error(self) -> None:
         self._dead = True

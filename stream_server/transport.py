@@ -113,13 +113,27 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+MAX_HEADER_CHARS = 1024
+
+
+def header_safe(text: str) -> str:
+    """``text`` as a header value: printable ASCII only (control and non-ASCII characters escaped as
+    ``\\xNN``/``\\uNNNN``, so a client's query cannot break or inject headers), at most
+    ``MAX_HEADER_CHARS``."""
+    safe = "".join(
+        c if 32 <= ord(c) < 127 else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+        for c in text[:MAX_HEADER_CHARS]
+    )
+    return safe[:MAX_HEADER_CHARS]
+
+
 def _json_error(status: int, code: str, description: str, **headers: str) -> web.Response:
     body = json.dumps({"type": "Error", "code": code, "description": description, "message": description})
     return web.Response(
         status=status,
         text=body,
         content_type="application/json",
-        headers={"dg-error": description, **headers},
+        headers={"dg-error": header_safe(description), **headers},
     )
 
 
@@ -504,7 +518,9 @@ class Server:
             options = parse_options(query, supported_languages=self.engine.info.languages)
         except BadRequest as exc:
             self.metrics.sessions_rejected.labels("bad_request").inc()
-            logger.info("refused %s: %s", request.remote, exc)
+            logger.info(
+                "refused %s: %s", request.remote, header_safe(str(exc))
+            )  # no raw control characters in logs
             return _json_error(400, exc.code, exc.description)
         if len(self.connections) >= self.config.limits.max_sessions:
             self.metrics.sessions_rejected.labels("max_sessions").inc()

@@ -201,6 +201,7 @@ def test_too_many_errors_closes_with_policy_violation_after_delivering_finals() 
     assert [e["code"] for e in errors] == ["INVALID_JSON"] * 3 + ["TOO_MANY_ERRORS"]
     assert errors[-1]["fatal"] is True
     assert len(d.finals()) == 1, "the open segment is finalized before closing"
+    assert d.events[-1].to_json()["code"] == "TOO_MANY_ERRORS", "the final owed goes before the fatal Error"
     assert d.session.close is not None and d.session.close.code == CloseCode.POLICY_VIOLATION
 
 
@@ -223,12 +224,14 @@ def test_dangling_byte_at_end_is_reported() -> None:
 
 
 def test_idle_timeout_finalizes_then_closes() -> None:
-    """An idle timeout reports IDLE_TIMEOUT, still delivers the open segment's final, then closes 1008."""
+    """An idle timeout still delivers the open segment's final, then reports IDLE_TIMEOUT (finals owed
+    go first, issue 8), then closes 1008."""
     d = Driver(make_session())
     d.audio(pcm16(np.concatenate([silence(300), tone(800)])))
     d.session.receive_idle_timeout()
     d.pump()
-    assert [e.to_json()["type"] for e in d.events] == ["Error", "Results"]
+    assert [e.to_json()["type"] for e in d.events] == ["Results", "Error"]
+    assert d.events[-1].to_json()["code"] == "IDLE_TIMEOUT"
     assert d.session.close is not None and d.session.close.code == CloseCode.POLICY_VIOLATION
 
 
@@ -241,12 +244,14 @@ def test_session_length_limit() -> None:
 
 
 def test_shutdown_finalizes_and_closes_going_away() -> None:
-    """On server shutdown the open segment is finalized and the stream closes with 1001."""
+    """On server shutdown the open segment is finalized, its final goes before the SERVER_SHUTTING_DOWN
+    Error (issue 8), Metadata last, and the stream closes with 1001."""
     d = Driver(make_session())
     d.audio(pcm16(np.concatenate([silence(300), tone(800)])))
     d.session.receive_shutdown()
     d.pump()
-    assert [e.to_json()["type"] for e in d.events] == ["Error", "Results", "Metadata"]
+    assert [e.to_json()["type"] for e in d.events] == ["Results", "Error", "Metadata"]
+    assert d.events[1].to_json()["code"] == "SERVER_SHUTTING_DOWN"
     assert d.session.close is not None and d.session.close.code == CloseCode.GOING_AWAY
 
 

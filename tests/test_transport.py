@@ -71,6 +71,11 @@ async def test_request_id_header_matches_events() -> None:
         ("interim_results=maybe", "INVALID_PARAMETER"),
         ("sample_rat=8000", "UNKNOWN_PARAMETER"),
         ("sample_rate=8000&sample_rate=16000", "INVALID_PARAMETER"),
+        # Control characters and non-ASCII in a key must not break the dg-error header (issue 8).
+        ("bad%01key=1", "UNKNOWN_PARAMETER"),
+        ("k%0D%0AX-Injected:%20yes=1", "UNKNOWN_PARAMETER"),
+        ("caf%C3%A9=1", "UNKNOWN_PARAMETER"),
+        ("encoding=%7F%00", "UNSUPPORTED_ENCODING"),
     ],
 )
 async def test_absurd_query_parameters_get_http_400_with_reason(query: str, code: str) -> None:
@@ -83,6 +88,9 @@ async def test_absurd_query_parameters_get_http_400_with_reason(query: str, code
         assert response.status_code == 400
         body = json.loads(response.body or b"{}")
         assert body["code"] == code and body["description"]
+        header = response.headers["dg-error"]
+        assert header and all(32 <= ord(c) < 127 for c in header), "printable ASCII only"
+        assert "X-Injected" not in response.headers
         # The server is still up: a good stream works.
         result = await stream_bytes(f"{url}/v1/listen", TWO_SEGMENTS)
         assert len(result.finals()) == 2
@@ -436,8 +444,8 @@ async def test_drain_finalizes_open_streams_and_closes_1001() -> None:
                 pass
         assert info.value.response.status_code == 503
     assert result.close_code == 1001
-    assert [m["type"] for m in result.messages] == ["Error", "Results", "Metadata"]
-    assert result.messages[0]["code"] == "SERVER_SHUTTING_DOWN"
+    assert [m["type"] for m in result.messages] == ["Results", "Error", "Metadata"]
+    assert result.messages[1]["code"] == "SERVER_SHUTTING_DOWN", "the final owed goes first"
 
 
 async def test_server_config_replace_keeps_other_sections() -> None:
