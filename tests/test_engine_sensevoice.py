@@ -237,7 +237,8 @@ def test_engine_satisfies_protocol_and_reports_itself(engine: SenseVoiceCore, sm
     assert info.languages == ("zh", "en", "ja", "ko", "yue")
     assert info.max_audio_s == MAX_AUDIO_S
     assert info.extras["threads"] == "2"
-    assert info.extras["length_buckets_s"] == "1,1.5,2,3,4,6,8,10"
+    expected = fine_length_buckets_s if info.extras["backend"] == "onnxruntime" else default_length_buckets_s
+    assert info.extras["length_buckets_s"] == ",".join(f"{b:g}" for b in expected(MAX_AUDIO_S))
     assert info.extras["backend"] == engine.backend in ("torch", "onnxruntime")
 
 
