@@ -183,12 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a SenseVoice folder, or tiny.en")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "int8"))
-    parser.add_argument("--backend", default=None, choices=("auto", "onnx", "torch"), help="server default")
-    parser.add_argument("--workers", type=int, default=None, help="engine workers (server default)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per worker (0: the server default)")
-    parser.add_argument("--max-batch-size", type=int, default=0, help="0: the server's default")
+    common.add_engine_arguments(parser, DEFAULT_MODEL)
     parser.add_argument("--max-wait-ms", type=int, default=10)
     parser.add_argument(
         "--endpointing", type=int, default=None, help="client endpointing, ms (default: the server's 500)"

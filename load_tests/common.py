@@ -25,6 +25,7 @@ Everything talks to 127.0.0.1 only, and every loop is bounded in count and time.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import bisect
 import contextlib
@@ -101,6 +102,17 @@ SENTENCES: tuple[str, ...] = (
     "Turn left at the next corner and walk two blocks.",
     "Most people prefer to work from home on Fridays.",
 )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
+    """The engine flags of the scripts that start a server with :func:`server_args` and let the user
+    pick backend and workers: model, dtype, backend, workers, threads, max batch size."""
+    parser.add_argument("--model", default=default_model, help="a SenseVoice folder, or tiny.en")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "int8"))
+    parser.add_argument("--backend", default=None, choices=("auto", "onnx", "torch"), help="server default")
+    parser.add_argument("--workers", type=int, default=None, help="engine workers (server default)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per worker (0: the server default)")
+    parser.add_argument("--max-batch-size", type=int, default=0, help="0: the server's default")
 
 
 def server_args(args: Any, model: str, *extra: str) -> list[str]:

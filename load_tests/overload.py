@@ -106,12 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a SenseVoice folder, or tiny.en")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "int8"))
-    parser.add_argument("--backend", default=None, choices=("auto", "onnx", "torch"), help="server default")
-    parser.add_argument("--workers", type=int, default=None, help="engine workers (server default)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per worker (0: the server default)")
-    parser.add_argument("--max-batch-size", type=int, default=0, help="0: the server's default")
+    common.add_engine_arguments(parser, DEFAULT_MODEL)
     parser.add_argument("--capacity", type=int, required=False, default=8, help="N measured by capacity.py")
     parser.add_argument("--multiples", default="2,4", help="offer these multiples of N")
     parser.add_argument("--arrival-s", type=float, default=5.0, help="sessions arrive over this long")
