@@ -12,7 +12,10 @@ segments start and end, in absolute sample positions (README, "How audio becomes
   discarded (a click, a cough).
 - **maximum length**: a segment reaching ``max_segment_samples`` is cut at the quietest point of its last
   ``cut_search_frames`` frames; the rest continues as the next segment, starting exactly at the cut, so
-  nothing is lost or doubled.
+  nothing is lost or doubled. A cut may land in a pause: the pause goes on counting from the last speech
+  frame (it ends the continuation when it would have ended the segment), and the continuation's speech
+  end is never before its start. A continuation with no speech frame at all says so
+  (``SegmentEnded.speech_frames`` is 0).
 - **finalize**: on request (client ``Finalize``, end of stream) the open segment ends at once.
 
 Everything it keeps is bounded by the settings: a deque of the last ``cut_search_frames`` frames and a
@@ -61,7 +64,9 @@ class SegmentEnded:
         start_sample: first sample.
         end_sample: one past the last sample.
         reason: why it ended.
-        last_speech_sample: one past the last speech frame within it.
+        last_speech_sample: one past the last speech frame within it (at least ``start_sample``).
+        speech_frames: speech frames within it; 0 only for a continuation cut in a pause that the pause
+            then ended (nothing in it to transcribe).
     """
 
     segment_id: int
@@ -69,6 +74,7 @@ class SegmentEnded:
     end_sample: int
     reason: EndReason
     last_speech_sample: int
+    speech_frames: int
 
 
 @dataclass(frozen=True)
@@ -169,10 +175,13 @@ class Segmenter:
 
     @property
     def segment_would_be_kept(self) -> bool:
-        """Ending the open segment on a pause now would transcribe it (it is not a short blip)."""
-        return self.in_segment and (
-            self._continuation or self._voiced_frames >= self.settings.min_speech_frames
-        )
+        """Ending the open segment on a pause now would transcribe it (it is not a short blip, nor a
+        continuation without speech)."""
+        if not self.in_segment:
+            return False
+        if self._continuation:
+            return self._voiced_frames > 0
+        return self._voiced_frames >= self.settings.min_speech_frames
 
     @property
     def segment_speech_end_sample(self) -> int:
@@ -229,9 +238,7 @@ class Segmenter:
         if self.position_sample - self._segment_start >= s.max_segment_samples:
             cut = self._choose_cut()
             events.append(self._close(cut, EndReason.MAX_LENGTH))
-            voiced_after = sum(1 for (i, flag, _) in self._recent if flag and i * s.frame_samples >= cut)
-            events.append(self._open(cut, cut, voiced_after, continuation=True))
-            self._trailing_unvoiced = 0
+            events.append(self._continue_from(cut))
         return events
 
     def finalize(self, end_sample: int, reason: EndReason) -> list[SegmenterEvent]:
@@ -266,9 +273,30 @@ class Segmenter:
         self._trailing_unvoiced = 0
         return SegmentStarted(self._segment_id, start, speech_sample, continuation)
 
+    def _continue_from(self, cut: int) -> SegmentStarted:
+        """Open the continuation of a segment just cut at ``cut``.
+
+        The cut may lie in a pause (issue 8): the pause keeps its length so far, so it still ends
+        ``endpoint_frames`` after the last speech frame, and the continuation's speech end moves up to
+        the cut, so its post-roll and any trim are measured from inside it, never before its start.
+        """
+        s = self.settings
+        # Frames overlapping the continuation (the one the cut splits counts for both halves).
+        voiced = sum(1 for (i, flag, _) in self._recent if flag and (i + 1) * s.frame_samples > cut)
+        trailing = self._trailing_unvoiced
+        started = self._open(cut, cut, voiced, continuation=True)
+        self._trailing_unvoiced = trailing
+        self._last_speech_end = max(self._last_speech_end, cut)
+        return started
+
     def _close(self, end: int, reason: EndReason) -> SegmentEnded:
         event = SegmentEnded(
-            self._segment_id, self._segment_start, end, reason, min(self._last_speech_end, end)
+            self._segment_id,
+            self._segment_start,
+            end,
+            reason,
+            min(self._last_speech_end, end),
+            self._voiced_frames,
         )
         self._reset(end)
         return event

@@ -589,6 +589,18 @@ class Session:
                 self._fill(spec.job_id, self._results(final, result[1]))
             else:
                 self._jobs[spec.job_id] = final
+        elif event.speech_frames == 0:
+            # A continuation cut in a pause that the pause then ended: silence only, so its final is
+            # empty and costs no model call (it still carries speech_final for that pause).
+            if spec is not None:
+                self._abandon_speculation()
+            self._slots.append(
+                _Slot(
+                    event=self._empty_final(
+                        event.start_sample, event.end_sample, event.reason, event.segment_id
+                    )
+                )
+            )
         else:
             if spec is not None:
                 self._abandon_speculation()
@@ -722,6 +734,21 @@ class Session:
             segment_id=job.segment_id,
         )
 
+    def _empty_final(self, start: int, end: int, reason: EndReason, segment_id: int) -> Results:
+        """A final with no words, answered without the model (``segment_id`` 0: no segment)."""
+        return Results(
+            request_id=self.identity.request_id,
+            model=self.identity.model,
+            start_s=start / SAMPLE_RATE_HZ,
+            duration_s=max(0, end - start) / SAMPLE_RATE_HZ,
+            is_final=True,
+            speech_final=reason is EndReason.PAUSE and not self.options.endpointing_disabled,
+            from_finalize=reason in (EndReason.FINALIZE, EndReason.END_OF_STREAM),
+            transcript="",
+            confidence=0.0,
+            segment_id=segment_id,
+        )
+
     def _fill(self, job_id: int, event: ServerEvent) -> None:
         for slot in self._slots:
             if slot.job_id == job_id:
@@ -740,21 +767,7 @@ class Session:
         elif reason is EndReason.FINALIZE:
             # Nothing open: acknowledge with an empty final so the client knows the flush is done.
             start = self._last_final_end_sample
-            self._slots.append(
-                _Slot(
-                    event=Results(
-                        request_id=self.identity.request_id,
-                        model=self.identity.model,
-                        start_s=start / SAMPLE_RATE_HZ,
-                        duration_s=max(0, now - start) / SAMPLE_RATE_HZ,
-                        is_final=True,
-                        speech_final=False,
-                        from_finalize=True,
-                        transcript="",
-                        confidence=0.0,
-                    )
-                )
-            )
+            self._slots.append(_Slot(event=self._empty_final(start, now, EndReason.FINALIZE, 0)))
             self._last_final_end_sample = now
 
     def _close_stream(self, close: CloseRequest, *, metadata: bool) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from stream_server.config import InterimConfig, SegmenterConfig
 from stream_server.engines.base import Transcript, Word
-from stream_server.protocol import ModelInfo, ServerEvent, StreamOptions
+from stream_server.protocol import Error, ModelInfo, Results, ServerEvent, StreamOptions
 from stream_server.session import Job, Session, SessionIdentity, SessionSettings
 from stream_server.vad import EnergyVad
 
@@ -116,3 +116,23 @@ class Driver:
 
     def finals(self) -> list[dict[str, object]]:
         return [r for r in self.of_type("Results") if r["is_final"]]
+
+
+def check_segments(d: Driver) -> list[Results]:
+    """Assert the session's promise about segments and return the finals that close one.
+
+    Every segment the session closed got exactly one final ``Results``; no
+    ``INTERNAL_ERROR``; finals start at or after 0, last longer than 0 and follow each other without
+    overlapping. Call it once, at the end (it drains ``segments_closed``).
+    """
+    closed = d.session.segments_closed()
+    assert not [e for e in d.events if isinstance(e, Error) and e.code == "INTERNAL_ERROR"], d.events
+    finals = [e for e in d.events if isinstance(e, Results) and e.is_final and e.segment_id]
+    answered = [e.segment_id for e in finals]
+    assert sorted(answered) == sorted(closed), "one final per closed segment"
+    previous_end = 0.0
+    for final in finals:
+        assert final.start_s >= 0 and final.duration_s > 0, final
+        assert final.start_s >= previous_end - 1e-9, f"{final} overlaps the final before it"
+        previous_end = final.start_s + final.duration_s
+    return finals

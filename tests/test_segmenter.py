@@ -126,3 +126,20 @@ def test_settings_reject_max_segment_smaller_than_search_window() -> None:
     """Settings where the cut search window does not fit inside the maximum segment are refused."""
     with pytest.raises(ValueError, match="max_segment_samples"):
         SegmenterSettings(frame_samples=F, max_segment_samples=50 * F, cut_search_frames=100)
+
+
+def test_forced_cut_inside_a_pause_leaves_a_continuation_the_pause_ends() -> None:
+    """A cut that lands in a pause (past the post-roll) opens a continuation that starts at the cut; the
+    pause still ends endpoint_frames after the last speech frame, after the continuation's start."""
+    seg = Segmenter(SETTINGS)
+    events = run(
+        seg, [(True, 387), (False, 60)]
+    )  # the limit (400 frames) is reached 13 frames into the pause
+    ended = [e for e in events if isinstance(e, SegmentEnded)]
+    assert [e.reason for e in ended] == [EndReason.MAX_LENGTH, EndReason.PAUSE]
+    cut, rest = ended
+    assert cut.end_sample > 397 * F, "the cut lies in the pause, beyond the post-roll"
+    assert rest.start_sample == cut.end_sample
+    assert all(e.end_sample > e.start_sample for e in ended), ended
+    assert rest.end_sample == (387 + SETTINGS.endpoint_frames) * F, "the pause ends on time"
+    assert rest.speech_frames == 0 and cut.speech_frames == 387

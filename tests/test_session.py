@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from dataclasses import replace
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from stream_server.errors import CloseCode
 from stream_server.protocol import StreamOptions
 from stream_server.session import JobKind
 
-from .synth import RATE, Driver, make_session, pcm16, silence, tone
+from .synth import RATE, Driver, check_segments, make_session, pcm16, silence, tone
 
 TWO_SEGMENTS = np.concatenate([silence(1000), tone(2000), silence(1000), tone(1500), silence(1000)])
 
@@ -500,3 +501,45 @@ def test_no_interims_during_a_pause() -> None:
     interims = [j for j in d.held if j.kind is JobKind.INTERIM]
     assert len(interims) >= 2
     assert all(j.end_sample <= speech_end + 2 * 480 for j in interims), [j.end_sample for j in interims]
+
+
+# A forced cut inside a pause (issue 8): the segment reaches max_segment_ms 380 ms into a pause, shorter
+# than the 500 ms endpointing, so the quietest point (the latest, on digital silence) is in that pause,
+# beyond the 300 ms post-roll; the pause then runs on and ends the continuation.
+CUT_IN_PAUSE = SegmenterConfig(max_segment_ms=4000, cut_search_ms=1500)
+CUT_IN_PAUSE_AUDIO = np.concatenate([silence(500), tone(3300), silence(1500), tone(1000), silence(1000)])
+
+
+def test_forced_cut_inside_a_pause_without_speculation() -> None:
+    """A forced cut that lands in a pause leaves a continuation the pause can end: no error, every
+    segment positive and answered by one final."""
+    d = Driver(make_session(segmenter=replace(CUT_IN_PAUSE, speculative_final_ms=0)))
+    d.audio(pcm16(CUT_IN_PAUSE_AUDIO))
+    d.text('{"type": "CloseStream"}')
+    jobs = [j for j in d.jobs if j.kind is JobKind.FINAL]
+    assert all(j.end_sample > j.start_sample for j in jobs), [(j.start_sample, j.end_sample) for j in jobs]
+    finals = check_segments(d)
+    assert len(finals) == 3 and finals[0].start_s + finals[0].duration_s > 4.1  # the cut in the pause
+    assert finals[1].speech_final, "the pause after the cut still ends the utterance"
+    assert finals[1].transcript == "" and len(jobs) == 2, "the silent continuation costs no model call"
+    assert d.session.close is not None and d.session.close.code == CloseCode.NORMAL
+
+
+def test_forced_cut_inside_a_pause_with_speculation() -> None:
+    """With speculative finals, a forced cut in a pause gives no negative-duration final and one final
+    per segment."""
+    d = Driver(make_session(segmenter=CUT_IN_PAUSE))
+    d.audio(pcm16(CUT_IN_PAUSE_AUDIO))
+    d.text('{"type": "CloseStream"}')
+    finals = check_segments(d)
+    assert len(finals) >= 2
+    assert d.session.close is not None and d.session.close.code == CloseCode.NORMAL
+
+
+def test_forced_cut_inside_a_pause_then_finalize() -> None:
+    """Finalize on the continuation of a cut made in a pause closes it with a positive length."""
+    d = Driver(make_session(segmenter=replace(CUT_IN_PAUSE, speculative_final_ms=0)))
+    d.audio(pcm16(np.concatenate([silence(500), tone(3300), silence(750)])))
+    d.text('{"type": "Finalize"}')
+    d.text('{"type": "CloseStream"}')
+    check_segments(d)
