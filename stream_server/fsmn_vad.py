@@ -352,9 +352,10 @@ class FsmnFrameVad:
         return self._answer()
 
     def flush(self) -> Sequence[bool]:
-        """End of stream: FSMN sees the rest as final; flags for every frame not yet answered.
+        """End of stream or a ``Finalize``: FSMN sees the rest as final; flags for every frame not yet
+        answered.
 
-        The classifier is then as new, ready for another stream.
+        The classifier is then as new: the stream's next frame starts it afresh.
         """
         end_of_audio = self._received_frames * self.frame_samples
         if self._buffered:

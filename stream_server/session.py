@@ -61,7 +61,7 @@ from .segmenter import (
     SegmenterSettings,
     SegmentStarted,
 )
-from .vad import FrameVad, frame_energy_dbfs
+from .vad import SILENCE_DBFS, FrameVad, frame_energy_dbfs
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +399,7 @@ class Session:
         if isinstance(message, KeepAlive):
             return
         if isinstance(message, Finalize):
+            self._flush_vad()
             self._finalize(EndReason.FINALIZE)
         elif isinstance(message, CloseStream):
             self._close_stream(CloseRequest(CloseCode.NORMAL, "CloseStream"), metadata=True)
@@ -540,6 +541,12 @@ class Session:
         self._pending_levels.append(frame_energy_dbfs(frame))
         for flag in self._vad.classify(frame):
             self._push(flag, self._pending_levels.popleft())
+
+    def _flush_vad(self) -> None:
+        """Have the VAD answer every frame it holds back (FSMN-VAD and Silero answer late), so a
+        Finalize or the end of the stream covers speech still in the VAD's lag (issue 8)."""
+        for flag in self._vad.flush():
+            self._push(flag, self._pending_levels.popleft() if self._pending_levels else SILENCE_DBFS)
 
     def _push(self, flag: bool, level: float) -> None:
         self._handle(self._segmenter.push(flag, level))
@@ -776,8 +783,7 @@ class Session:
         tail = self._decoder.flush()
         if len(tail):
             self._ingest(tail)
-        for flag in self._vad.flush():
-            self._push(flag, self._pending_levels.popleft() if self._pending_levels else -120.0)
+        self._flush_vad()
         self._finalize(EndReason.END_OF_STREAM)
         dangling = self._decoder.pending_bytes
         if dangling:

@@ -257,7 +257,7 @@ class SileroFrameVad:
         """End of stream: the last partial chunk is scored padded with zeros (as Silero pads the end of a
         file); flags for every frame not yet answered.
 
-        The classifier is then as new, ready for another stream.
+        The classifier is then as new: the stream's next frame (after a ``Finalize``) starts it afresh.
         """
         if self._pending_count:
             self._pending[self._pending_count :] = 0.0

@@ -3,6 +3,7 @@
 A classifier is fed one frame at a time and answers with flags for zero or more of the oldest frames
 it has not yet answered for, in order: webrtcvad answers every frame at once; FunASR's FSMN-VAD and
 Silero VAD decide in chunks of their own and so answer later (``max_lag_frames`` bounds how much later).
+``flush`` answers the rest at once, at the end of a stream and on every ``Finalize``.
 The segmenter consumes the flags; it never sees audio.
 
 :class:`NoiseGate` wraps any classifier with an **adaptive noise floor**: it tracks the stream's
@@ -59,7 +60,11 @@ class FrameVad(Protocol):
         ...
 
     def flush(self) -> Sequence[bool]:
-        """End of stream: flags for every frame not yet answered."""
+        """End of stream or a client's ``Finalize``: flags for every frame not yet answered.
+
+        The classifier then carries on with the next frame as if the stream had just begun (the
+        session flushes on every ``Finalize``, so speech in the lag reaches the from_finalize final).
+        """
         ...
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -10,7 +11,8 @@ from stream_server.config import InterimConfig, SegmenterConfig
 from stream_server.engines.base import Transcript, Word
 from stream_server.protocol import Error, ModelInfo, Results, ServerEvent, StreamOptions
 from stream_server.session import Job, Session, SessionIdentity, SessionSettings
-from stream_server.vad import EnergyVad
+from stream_server.ring import Int16Array
+from stream_server.vad import EnergyVad, FrameVad
 
 RATE = 16000
 
@@ -45,6 +47,35 @@ IDENTITY = SessionIdentity(
 )
 
 
+class LaggingVad:
+    """The energy VAD answering every frame ``lag_frames`` frames late, as FSMN-VAD and Silero do; a
+    flush answers the rest at once.
+
+    Attributes:
+        flushes: how many times it was flushed.
+    """
+
+    def __init__(self, frame_ms: int = 30, lag_frames: int = 10, threshold_dbfs: float = -40.0) -> None:
+        self._inner = EnergyVad(frame_ms, threshold_dbfs)
+        self.frame_samples = self._inner.frame_samples
+        self.max_lag_frames = lag_frames
+        self._held: deque[bool] = deque()
+        self.flushes = 0
+
+    def classify(self, frame: Int16Array) -> Sequence[bool]:
+        self._held.extend(self._inner.classify(frame))
+        out: list[bool] = []
+        while len(self._held) > self.max_lag_frames:
+            out.append(self._held.popleft())
+        return out
+
+    def flush(self) -> Sequence[bool]:
+        self.flushes += 1
+        out = list(self._held)
+        self._held.clear()
+        return out
+
+
 def make_session(
     options: StreamOptions | None = None,
     *,
@@ -52,6 +83,7 @@ def make_session(
     interim: InterimConfig | None = None,
     max_client_errors: int = 16,
     max_session_s: float = 0.0,
+    vad: FrameVad | None = None,
 ) -> Session:
     seg = segmenter or SegmenterConfig()
     settings = SessionSettings(
@@ -60,7 +92,7 @@ def make_session(
         max_client_errors=max_client_errors,
         max_session_s=max_session_s,
     )
-    return Session(options or StreamOptions(), settings, EnergyVad(seg.frame_ms, -40.0), IDENTITY)
+    return Session(options or StreamOptions(), settings, vad or EnergyVad(seg.frame_ms, -40.0), IDENTITY)
 
 
 def describe(job: Job) -> Transcript:

@@ -7,13 +7,14 @@ import tracemalloc
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from stream_server.config import InterimConfig, SegmenterConfig
 from stream_server.errors import CloseCode
 from stream_server.protocol import StreamOptions
 from stream_server.session import JobKind
 
-from .synth import RATE, Driver, check_segments, make_session, pcm16, silence, tone
+from .synth import RATE, Driver, LaggingVad, check_segments, make_session, pcm16, silence, tone
 
 TWO_SEGMENTS = np.concatenate([silence(1000), tone(2000), silence(1000), tone(1500), silence(1000)])
 
@@ -543,3 +544,27 @@ def test_forced_cut_inside_a_pause_then_finalize() -> None:
     d.text('{"type": "Finalize"}')
     d.text('{"type": "CloseStream"}')
     check_segments(d)
+
+
+@pytest.mark.parametrize(
+    "audio",
+    [
+        # The segment closed on the pause; speech resumes inside the VAD's lag.
+        np.concatenate([silence(300), tone(1000), silence(900), tone(200)]),
+        # The segment is open in a pause longer than the post-roll; speech resumes inside the lag.
+        np.concatenate([silence(300), tone(1000), silence(500), tone(200)]),
+    ],
+    ids=["after-a-closed-segment", "in-an-open-pause"],
+)
+def test_finalize_flushes_the_vad_lag(audio: np.ndarray) -> None:
+    """Finalize flushes the VAD first, so speech still in its lag lands in the from_finalize final and a
+    client that leaves after that final loses none of it."""
+    vad = LaggingVad(lag_frames=10)
+    d = Driver(make_session(segmenter=NO_SPECULATION, vad=vad))
+    d.audio(pcm16(audio))
+    d.text('{"type": "Finalize"}')
+    d.session.receive_disconnect()
+    (last,) = [f for f in check_segments(d) if f.from_finalize]
+    resumed_s = (len(audio) - 200 * RATE // 1000) / RATE
+    assert last.start_s <= resumed_s and last.start_s + last.duration_s == len(audio) / RATE, last
+    assert vad.flushes == 1
