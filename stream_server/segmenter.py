@@ -229,6 +229,8 @@ class Segmenter:
         if self._trailing_unvoiced >= s.endpoint_frames:
             pad = min(s.post_roll_frames, self._trailing_unvoiced) * s.frame_samples
             end = min(self._last_speech_end + pad, self.position_sample)
+            if end <= self._segment_start:  # a continuation cut in this pause, and no post-roll
+                end = self.position_sample
             if self._voiced_frames < s.min_speech_frames and not self._continuation:
                 events.append(self._discard(end))
             else:
@@ -258,7 +260,7 @@ class Segmenter:
         end = max(end_sample, self._segment_start)
         # Trim a long trailing silence to the post-roll: nothing is spoken in it.
         trimmed = self._last_speech_end + s.post_roll_frames * s.frame_samples
-        if self._trailing_unvoiced > s.post_roll_frames and trimmed < end:
+        if self._trailing_unvoiced > s.post_roll_frames and self._segment_start < trimmed < end:
             end = trimmed
         return [self._close(end, reason)]
 

@@ -143,3 +143,17 @@ def test_forced_cut_inside_a_pause_leaves_a_continuation_the_pause_ends() -> Non
     assert all(e.end_sample > e.start_sample for e in ended), ended
     assert rest.end_sample == (387 + SETTINGS.endpoint_frames) * F, "the pause ends on time"
     assert rest.speech_frames == 0 and cut.speech_frames == 387
+
+
+@pytest.mark.parametrize("ending", ["pause", "finalize"])
+def test_cut_in_a_pause_without_post_roll_leaves_no_empty_segment(ending: str) -> None:
+    """With no post-roll, a continuation cut in a pause still ends after its start."""
+    settings = SegmenterSettings(
+        frame_samples=F, post_roll_frames=0, endpoint_frames=17, max_segment_samples=400 * F
+    )
+    seg = Segmenter(settings)
+    events = run(seg, [(True, 390), (False, 12 if ending == "finalize" else 40)])
+    if ending == "finalize":
+        events.extend(seg.finalize(seg.position_sample, EndReason.FINALIZE))
+    ended = [e for e in events if isinstance(e, SegmentEnded)]
+    assert len(ended) == 2 and all(e.end_sample > e.start_sample for e in ended), ended
