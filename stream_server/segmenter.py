@@ -234,7 +234,7 @@ class Segmenter:
             if self._voiced_frames < s.min_speech_frames and not self._continuation:
                 events.append(self._discard(end))
             else:
-                events.append(self._close(end, EndReason.PAUSE))
+                events.extend(self._end(end, EndReason.PAUSE))
             return events
 
         if self.position_sample - self._segment_start >= s.max_segment_samples:
@@ -262,7 +262,7 @@ class Segmenter:
         trimmed = self._last_speech_end + s.post_roll_frames * s.frame_samples
         if self._trailing_unvoiced > s.post_roll_frames and self._segment_start < trimmed < end:
             end = trimmed
-        return [self._close(end, reason)]
+        return self._end(end, reason)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -274,6 +274,29 @@ class Segmenter:
         self._voiced_frames = voiced
         self._trailing_unvoiced = 0
         return SegmentStarted(self._segment_id, start, speech_sample, continuation)
+
+    def _end(self, end: int, reason: EndReason) -> list[SegmenterEvent]:
+        """Close the open segment at ``end``, never longer than ``max_segment_samples`` (the engine
+        refuses longer clips, issue 8).
+
+        A segment is at most a frame short of the limit when a pause, a Finalize or the end of the stream
+        arrives, but the audio up to ``end`` can reach past it (the frame that ends the pause, the part
+        of a frame not yet classified). Beyond the last speech frame a pause's end is only silence, so
+        it is trimmed; otherwise the segment is cut at its quietest point as at the limit, and the rest
+        closes as a continuation for ``reason``: split, never dropped.
+        """
+        s = self.settings
+        limit = s.max_segment_samples
+        events: list[SegmenterEvent] = []
+        while end - self._segment_start > limit:
+            if reason is EndReason.PAUSE and self._last_speech_end <= self._segment_start + limit:
+                end = self._segment_start + limit
+                break
+            cut = self._choose_cut(lowest=end - limit, highest=self._segment_start + limit)
+            events.append(self._close(cut, EndReason.MAX_LENGTH))
+            events.append(self._continue_from(cut))
+        events.append(self._close(end, reason))
+        return events
 
     def _continue_from(self, cut: int) -> SegmentStarted:
         """Open the continuation of a segment just cut at ``cut``.
@@ -314,19 +337,28 @@ class Segmenter:
         self.previous_end_sample = end
         self._window.clear()
 
-    def _choose_cut(self) -> int:
+    def _choose_cut(self, *, lowest: int = 0, highest: int | None = None) -> int:
         """The middle of the quietest frame among the last ``cut_search_frames`` (levels smoothed over
-        three frames so a single quiet frame inside a word does not win; the latest wins ties)."""
+        three frames so a single quiet frame inside a word does not win; the latest wins ties), among
+        those whose middle lies within ``[lowest, highest]`` (clamped there when none does)."""
         s = self.settings
+        half = s.frame_samples // 2
+        first = self._segment_start + s.frame_samples
+        low = max(lowest, first)
+        high = highest if highest is not None else self.position_sample
         frames = list(self._recent)[-s.cut_search_frames :]
         levels = [level for (_, _, level) in frames]
-        best_index = frames[-1][0]
+        best_cut: int | None = None
         best_level = float("inf")
         for k in range(len(frames)):
+            cut = frames[k][0] * s.frame_samples + half
+            if not low <= cut <= high:
+                continue
             window = levels[max(0, k - 1) : k + 2]
             smoothed = sum(window) / len(window)
             if smoothed <= best_level:
                 best_level = smoothed
-                best_index = frames[k][0]
-        cut = best_index * s.frame_samples + s.frame_samples // 2
-        return max(cut, self._segment_start + s.frame_samples)
+                best_cut = cut
+        if best_cut is None:
+            best_cut = min(max(frames[-1][0] * s.frame_samples + half, low), high)
+        return best_cut

@@ -10,8 +10,8 @@ import numpy as np
 from stream_server.config import InterimConfig, SegmenterConfig
 from stream_server.engines.base import Transcript, Word
 from stream_server.protocol import Error, ModelInfo, Results, ServerEvent, StreamOptions
-from stream_server.session import Job, Session, SessionIdentity, SessionSettings
 from stream_server.ring import Int16Array
+from stream_server.session import Job, Session, SessionIdentity, SessionSettings
 from stream_server.vad import EnergyVad, FrameVad
 
 RATE = 16000

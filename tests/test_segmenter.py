@@ -145,6 +145,40 @@ def test_forced_cut_inside_a_pause_leaves_a_continuation_the_pause_ends() -> Non
     assert rest.speech_frames == 0 and cut.speech_frames == 387
 
 
+def test_no_segment_is_longer_than_the_maximum() -> None:
+    """Whatever ends it (a pause, a Finalize, the end of the stream), no segment is longer than
+    max_segment_samples; the part beyond is cut off as a continuation, never dropped."""
+    quick = SegmenterSettings(
+        frame_samples=F,
+        start_window_frames=5,
+        start_voiced_frames=3,
+        pre_roll_frames=10,
+        post_roll_frames=10,
+        endpoint_frames=3,  # shorter than the post-roll: a pause closes at the frame that ends it
+        min_speech_frames=7,
+        max_segment_samples=400 * F,
+        cut_search_frames=100,
+    )
+    for speech_frames in range(700, 760):
+        for ending in ("pause", "finalize"):
+            seg = Segmenter(quick)
+            events: list[object] = []
+            for i in range(speech_frames):  # a dip at frame 350: the first cut is mid-frame there
+                events.extend(seg.push(True, -60.0 if i == 350 else -10.0))
+            if ending == "pause":
+                events.extend(run(seg, [(False, 5)]))
+            else:
+                events.extend(seg.finalize(seg.position_sample + F - 1, EndReason.FINALIZE))
+            ended = [e for e in events if isinstance(e, SegmentEnded)]
+            assert all(0 < e.end_sample - e.start_sample <= quick.max_segment_samples for e in ended), (
+                speech_frames,
+                ending,
+                [(e.start_sample, e.end_sample) for e in ended],
+            )
+            for prev, nxt in zip(ended, ended[1:], strict=False):
+                assert prev.end_sample == nxt.start_sample, "the segments tile: nothing dropped"
+
+
 @pytest.mark.parametrize("ending", ["pause", "finalize"])
 def test_cut_in_a_pause_without_post_roll_leaves_no_empty_segment(ending: str) -> None:
     """With no post-roll, a continuation cut in a pause still ends after its start."""

@@ -568,3 +568,30 @@ def test_finalize_flushes_the_vad_lag(audio: np.ndarray) -> None:
     resumed_s = (len(audio) - 200 * RATE // 1000) / RATE
     assert last.start_s <= resumed_s and last.start_s + last.duration_s == len(audio) / RATE, last
     assert vad.flushes == 1
+
+
+@pytest.mark.parametrize("ending", ["finalize", "close", "shutdown"])
+@pytest.mark.parametrize("lag_frames", [0, 10])
+def test_no_request_is_longer_than_max_segment(ending: str, lag_frames: int) -> None:
+    """Finalize, CloseStream or shutdown at max_segment_ms of continuous speech submits no audio longer
+    than max_segment_ms (the engine's limit: it refuses longer clips), and every sample from the first
+    segment's start to the last one received gets a final."""
+    cfg = SegmenterConfig(max_segment_ms=4000, cut_search_ms=1500, speculative_final_ms=0)
+    limit = 4000 * RATE // 1000
+    for total_ms in range(4100, 4560, 7):  # the segment (from 0.18 s) reaches its limit at 4.2 s
+        d = Driver(make_session(segmenter=cfg, vad=LaggingVad(lag_frames=lag_frames)))
+        d.audio(pcm16(np.concatenate([silence(500), tone(total_ms - 500)])))
+        if ending == "finalize":
+            d.text('{"type": "Finalize"}')
+        elif ending == "close":
+            d.text('{"type": "CloseStream"}')
+        else:
+            d.session.receive_shutdown()
+            d.pump()
+        lengths = [len(j.request.audio) for j in d.jobs]
+        assert max(lengths) <= limit, (total_ms, lengths)
+        finals = check_segments(d)
+        assert finals[0].start_s == 0.18
+        for prev, nxt in zip(finals, finals[1:], strict=False):
+            assert prev.start_s + prev.duration_s == nxt.start_s, "the finals tile: no audio dropped"
+        assert abs(finals[-1].start_s + finals[-1].duration_s - total_ms / 1000) < 1e-9
