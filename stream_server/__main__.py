@@ -19,6 +19,7 @@ from typing import Any
 
 from . import __version__
 from .config import (
+    AuthConfig,
     BatchConfig,
     Config,
     EngineConfig,
@@ -37,6 +38,7 @@ SECTIONS: tuple[tuple[str, type[Any], str], ...] = (
     ("interim", InterimConfig, "interim_"),
     ("batch", BatchConfig, ""),
     ("limits", LimitsConfig, ""),
+    ("auth", AuthConfig, ""),
 )
 
 
@@ -47,6 +49,36 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {raw!r}")
+
+
+def _comma_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+class _RepeatAction(argparse.Action):
+    """A repeatable flag whose first use replaces the default (taken from the environment), so a flag
+    still beats the environment; later uses add to it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        if current is self.default:
+            current = ()
+        setattr(namespace, self.dest, (*current, values))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except for secrets (an API key set in the environment would show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if getattr(action, "secret", False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _field_help(cls: type[Any], name: str) -> str:
@@ -70,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stream-server",
         description="Real-time speech transcription over WebSockets (Deepgram-compatible /v1/listen).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"stream-server {__version__}")
     seen: set[str] = set()
@@ -79,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             dest = f"{section}.{f.name}"
-            flag_name = (prefix + f.name).replace("_", "-")
+            flag_name = f.metadata.get("flag", (prefix + f.name).replace("_", "-"))
             assert flag_name not in seen, f"duplicate flag --{flag_name}"
             seen.add(flag_name)
             env = ENV_PREFIX + (prefix + f.name).upper()
@@ -89,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
             if hint is bool:
                 kwargs["type"] = _parse_bool
                 kwargs["metavar"] = "BOOL"
+            elif hint == tuple[str, ...]:  # repeatable: --api-key A --api-key B, or A,B in the environment
+                kwargs["action"] = _RepeatAction
+                kwargs["metavar"] = "TEXT"
             elif choices:
                 kwargs["choices"] = choices
             elif hint in (int, float, str):
@@ -98,11 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
             if env in os.environ:
                 raw = os.environ[env]
                 try:
-                    default = kwargs["type"](raw) if "type" in kwargs else raw
+                    if hint == tuple[str, ...]:
+                        default = _comma_list(raw)
+                    else:
+                        default = kwargs["type"](raw) if "type" in kwargs else raw
                 except (ValueError, argparse.ArgumentTypeError) as exc:
                     parser.error(f"{env}={raw!r}: {exc}")
             kwargs["default"] = default
-            group.add_argument(f"--{flag_name}", **kwargs)
+            action = group.add_argument(f"--{flag_name}", **kwargs)
+            action.secret = bool(f.metadata.get("secret") or f.metadata.get("repeat"))  # type: ignore[attr-defined]
     return parser
 
 

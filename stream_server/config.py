@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .auth import parse_allowed_origins, parse_key_entry
 from .errors import ConfigError
 
 Dtype = Literal["auto", "fp32", "fp16", "int8"]
@@ -370,6 +371,48 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Who may stream (README, "Authentication"; ``auth.py``).
+
+    Attributes:
+        api_keys: API keys that /v1/listen and POST /v1/auth/grant accept, each KEY or NAME:KEY,
+            optionally followed by max_sessions=N (that key's limit on streams at once). The flag repeats
+            (--api-key A --api-key B); the environment variable takes them comma-separated. With no key
+            here or in the file, the server is open. Flags show in `ps`: prefer the file or the environment.
+        api_keys_file: a file of keys, one entry per line as for --api-key, '#' starting a comment; read
+            at start (a wrong line stops the server, naming the line; so does a file without keys).
+        auth_secret: signs grant tokens (HMAC-SHA256), at least 32 characters; empty derives one from
+            the configured keys, so replicas with the same keys accept each other's tokens and tokens
+            survive a restart. Set it to keep tokens valid when the keys change.
+        allowed_origins: browser pages that may connect, read /health and ask for grants, by the
+            Origin header they send, as comma-separated scheme://host[:port] entries, or * for any.
+            Clients that send no Origin (not browsers) and pages of the server's own origin always may.
+            Empty means any origin while no key is configured, and none but the server's own once keys
+            are.
+    """
+
+    api_keys: tuple[str, ...] = field(default=(), repr=False, metadata={"flag": "api-key", "repeat": True})
+    api_keys_file: str = ""
+    auth_secret: str = field(default="", repr=False, metadata={"secret": True})
+    allowed_origins: str = ""
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.api_keys, tuple),
+            "api_keys",
+            "must be a tuple of entries (a string would be read as one key per character)",
+        )
+        for i, entry in enumerate(self.api_keys, start=1):
+            parse_key_entry(entry, f"api_keys entry {i}")  # raises ConfigError naming the entry
+        _check(
+            not self.auth_secret or len(self.auth_secret) >= 32,
+            "auth_secret",
+            "must be at least 32 characters (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')",
+        )
+        parse_allowed_origins(self.allowed_origins)  # raises ConfigError naming the entry
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings."""
 
@@ -379,3 +422,4 @@ class Config:
     interim: InterimConfig = field(default_factory=InterimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)

@@ -10,6 +10,7 @@
     ├── InterimSkipped         an interim request was dropped because the model is busy
     └── ClientError            something a client sent; carries a stable code and a close code
         ├── BadRequest         invalid query parameters (HTTP 400 at the handshake)
+        ├── AuthError          missing or wrong credentials, a page's Origin not allowed (401/403)
         └── ProtocolViolation  bad input on an open stream (an ``Error`` event, maybe a close)
 
 Clients never see tracebacks: a session turns a :class:`ClientError` into an ``Error`` event with
@@ -81,6 +82,22 @@ class BadRequest(ClientError):
 
     def __init__(self, code: str, description: str) -> None:
         super().__init__(code, description, None)
+
+
+class AuthError(ClientError):
+    """A request is refused for who sent it (README, "Authentication"), before any WebSocket opens.
+
+    Attributes:
+        status: the HTTP status: 401 (no credentials, or wrong or expired ones), 403 (a browser page
+            from an origin that is not allowed, or a token where a key is needed), 404 (grants asked of
+            a server without keys).
+        reason: the metrics label (``stream_auth_failures_total{reason}``): the code in lower case.
+    """
+
+    def __init__(self, status: int, code: str, description: str) -> None:
+        super().__init__(code, description, None)
+        self.status = status
+        self.reason = code.lower()
 
 
 class ProtocolViolation(ClientError):

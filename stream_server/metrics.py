@@ -82,11 +82,35 @@ class Metrics:
         r = self.registry
         ProcessCollector(registry=r)
         self.sessions_active = Gauge("stream_sessions_active", "Open WebSocket streams", registry=r)
+        self.event_loop_tasks = Gauge(
+            "stream_event_loop_tasks", "Tasks alive on the server's event loop (leak check)", registry=r
+        )
         self.sessions_total = Counter(
             "stream_sessions_total", "Streams by how they ended", ["outcome"], registry=r
         )
         self.sessions_rejected = Counter(
             "stream_sessions_rejected_total", "Handshakes refused", ["reason"], registry=r
+        )
+        # Key names only, never keys: the label's values are bounded by the configured keys.
+        self.auth_accepted = Counter(
+            "stream_auth_accepted_total",
+            "Stream handshakes let in by credentials, by key name and method (key: an API key, token: a "
+            "grant token from that key)",
+            ["key", "method"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "stream_auth_failures_total",
+            "Requests refused for their credentials or their Origin (stream handshakes and grants), by "
+            "reason: the refusal's code in lower case",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_grants = Counter(
+            "stream_auth_grants_total",
+            "Grant tokens issued, by the name of the key that asked",
+            ["key"],
+            registry=r,
         )
         self.audio_seconds = Counter("stream_audio_seconds_total", "Seconds of audio received", registry=r)
         self.segments_finalized = Counter(

@@ -16,7 +16,8 @@ def test_every_config_field_has_a_flag() -> None:
     help_text = build_parser().format_help()
     for _, cls, prefix in SECTIONS:
         for f in dataclasses.fields(cls):
-            assert f"--{(prefix + f.name).replace('_', '-')}" in help_text
+            flag = f.metadata.get("flag", (prefix + f.name).replace("_", "-"))
+            assert f"--{flag} " in help_text
 
 
 def test_defaults_match_config_defaults() -> None:
