@@ -400,6 +400,8 @@ class Results:
 
     ``is_final`` marks the one final transcript of a segment; ``speech_final`` that the segment ended
     because the speaker paused; ``from_finalize`` that a client ``Finalize`` (or ``CloseStream``) ended it.
+    ``segment_id`` names the segment (from 1); it is 0 on the empty final that acknowledges a ``Finalize``
+    which ended no segment (:attr:`is_acknowledgement`).
     """
 
     request_id: str
@@ -446,6 +448,12 @@ class Results:
             "tags": {"language": self.language, "emotion": self.emotion, "audio_event": self.audio_event},
             "segment_id": self.segment_id,
         }
+
+    @property
+    def is_acknowledgement(self) -> bool:
+        """The final acknowledges a ``Finalize`` and ends no segment (nothing, or too little, was open):
+        not a finalized segment for metrics or latency."""
+        return self.is_final and self.segment_id == 0
 
 
 @dataclass(frozen=True)
@@ -516,6 +524,8 @@ class Error:
         close_code: set when the server is about to close the stream because of it.
         start_s: with ``duration_s``, the span of audio the error concerns (a segment that could not be
             transcribed), else None.
+        segment_id: the segment that error ends in place of its final (as ``Results.segment_id``),
+            else None.
     """
 
     code: str
@@ -523,6 +533,7 @@ class Error:
     close_code: CloseCode | None = None
     start_s: float | None = None
     duration_s: float | None = None
+    segment_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -536,6 +547,8 @@ class Error:
         if self.start_s is not None and self.duration_s is not None:
             payload["start"] = round(self.start_s, 3)
             payload["duration"] = round(self.duration_s, 3)
+        if self.segment_id is not None:
+            payload["segment_id"] = self.segment_id
         return payload
 
 

@@ -434,9 +434,7 @@ class Session:
         if job.kind is JobKind.SPECULATIVE:
             self._drop_speculation()  # the segment's end will ask for an ordinary final
             return
-        start_s = job.start_sample / SAMPLE_RATE_HZ
-        duration_s = (job.end_sample - job.start_sample) / SAMPLE_RATE_HZ
-        self._fill(job_id, Error(code, description, None, start_s, duration_s))
+        self._fill(job_id, self._segment_error(job, code, description))
 
     @_guarded
     def receive_skipped(self, job_id: int) -> None:
@@ -446,7 +444,7 @@ class Session:
         if job is None:
             return
         if job.kind is JobKind.FINAL:  # never happens: finals are never skipped
-            self._fill(job_id, Error("INTERNAL_ERROR", "A final transcript was skipped.", None))
+            self._fill(job_id, self._segment_error(job, "INTERNAL_ERROR", "A final transcript was skipped."))
             return
         if job.kind is JobKind.SPECULATIVE:
             self._drop_speculation()  # the model is busy: the segment's end asks for an ordinary final
@@ -755,6 +753,12 @@ class Session:
             confidence=0.0,
             segment_id=segment_id,
         )
+
+    def _segment_error(self, job: Job, code: str, description: str) -> Error:
+        """The Error that ends a segment in place of its final: its span and its id."""
+        start_s = job.start_sample / SAMPLE_RATE_HZ
+        duration_s = (job.end_sample - job.start_sample) / SAMPLE_RATE_HZ
+        return Error(code, description, None, start_s, duration_s, job.segment_id)
 
     def _fill(self, job_id: int, event: ServerEvent) -> None:
         for slot in self._slots:

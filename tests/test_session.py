@@ -11,7 +11,7 @@ import pytest
 
 from stream_server.config import InterimConfig, SegmenterConfig
 from stream_server.errors import CloseCode
-from stream_server.protocol import StreamOptions
+from stream_server.protocol import Error, Results, StreamOptions
 from stream_server.session import JobKind
 
 from .synth import RATE, Driver, LaggingVad, check_segments, make_session, pcm16, silence, tone
@@ -115,6 +115,19 @@ def test_finalize_with_nothing_open_is_acknowledged() -> None:
     assert final["channel"]["alternatives"][0]["transcript"] == ""  # type: ignore[index]
 
 
+def test_an_acknowledgement_is_told_apart_from_a_segment_final() -> None:
+    """A Finalize acknowledgement says it closes no segment (segment_id 0), so the transport does not
+    count it as a finalized segment; a segment's final says which segment it closes."""
+    d = Driver(make_session())
+    d.audio(pcm16(np.concatenate([silence(500), tone(1000)])))
+    d.text('{"type": "Finalize"}')
+    d.text('{"type": "Finalize"}')
+    segment_final, ack = [e for e in d.events if isinstance(e, Results)]
+    assert not segment_final.is_acknowledgement and segment_final.segment_id == 1
+    assert ack.is_acknowledgement and ack.is_final and ack.from_finalize and ack.segment_id == 0
+    assert d.session.segments_finalized == 1
+
+
 def test_close_stream_flushes_then_metadata_then_close() -> None:
     """CloseStream finalizes the open segment, then sends Metadata, then the session asks to close 1000."""
     d = Driver(make_session())
@@ -169,6 +182,9 @@ def test_failed_final_becomes_error_with_its_time_span() -> None:
     error = d.of_type("Error")[0]
     assert error["code"] == "TRANSCRIPTION_FAILED" and error["fatal"] is False
     assert abs(error["start"] - 0.7) < 0.031 and error["duration"] > 2
+    assert error["segment_id"] == first.segment_id, "the transport matches it to the segment it ends"
+    (event,) = [e for e in d.events if isinstance(e, Error)]
+    assert event.segment_id == first.segment_id
 
 
 def test_bad_text_frames_get_specific_errors_and_stream_continues() -> None:
