@@ -38,8 +38,13 @@ it for the engine too), and the first call on a thread sets only that thread (th
 ``threads``. Under load this matters: with 2 threads on 2 busy cores, one 200 ms chunk took 25 to
 120 ms instead of ~3 ms (OpenMP threads waiting for each other).
 
-Calls are not thread-safe (funasr keeps a little per-call state on the shared model): every session's
-VAD must be driven from one thread at a time, as the event loop does.
+Calls are not thread-safe (funasr keeps a little per-call state on the shared model), so every
+session's FSMN calls run on one thread of the model's own, **off the event loop** (issue 8: 25-120 ms per
+chunk under load would stall every stream's socket). :meth:`FsmnFrameVad.classify` hands a full chunk to
+that thread and returns at once; the chunk's answers come with a later frame, so a classifier may hold
+back one chunk more than the bound above (``max_lag_frames`` includes it). Only when a stream is more
+than one chunk ahead of the thread (an upload faster than FSMN) does ``classify`` wait for it, and
+:meth:`FsmnFrameVad.flush` (``Finalize``, end of stream) always does: at most two chunks' work.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +173,15 @@ class FsmnVadModel:
             end_lookback -= int(opts.lookahead_time_end_point / frame_ms) + 1
         self.end_lookback_frames = max(0, end_lookback)
         self.window_samples = SAMPLE_RATE_HZ * int(opts.frame_length_ms) // 1000
+        self._thread: ThreadPoolExecutor | None = None
+        self._thread_lock = threading.Lock()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``function(*args)`` on the model's one FSMN thread (calls run in the order given)."""
+        with self._thread_lock:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmn-vad")
+            return self._thread.submit(function, *args)
 
     @classmethod
     def load(
@@ -299,8 +314,9 @@ class FsmnFrameVad:
         self.frame_samples = SAMPLE_RATE_HZ * frame_ms // 1000
         self.chunk_samples = SAMPLE_RATE_HZ * chunk_ms // 1000
         lag_fsmn_frames = FRONTEND_DELAY_FRAMES + max(model.start_latency_frames, model.end_lookback_frames)
+        # One chunk more than the synchronous bound: the chunk on the FSMN thread (module docstring).
         self.max_lag_frames = math.ceil(
-            (self.chunk_samples - 1 + lag_fsmn_frames * FSMN_FRAME_SAMPLES) / self.frame_samples
+            (2 * self.chunk_samples - 1 + lag_fsmn_frames * FSMN_FRAME_SAMPLES) / self.frame_samples
         )
         self._reset()
 
@@ -313,6 +329,8 @@ class FsmnFrameVad:
         self._decided_sample = 0  # every frame wholly before it has its final answer
         # FSMN segments in samples, oldest first; the last may be open (end None).
         self._segments: deque[list[int | None]] = deque()
+        # Chunks on the FSMN thread, oldest first: (FSMN's events, frames scored, start lag) each.
+        self._inflight: deque[Future[tuple[list[Any], int, int]]] = deque()
 
     @property
     def _open(self) -> bool:
@@ -329,27 +347,41 @@ class FsmnFrameVad:
         self._received_frames += 1
         self._buffer.append(frame.copy())  # the caller may reuse its buffer before the chunk is fed
         self._buffered += len(frame)
-        if self._buffered < self.chunk_samples:
-            return ()
-        pcm = np.concatenate(self._buffer)
-        fed = len(pcm) - len(pcm) % self.chunk_samples
-        rest = pcm[fed:]
-        self._buffer = [rest] if len(rest) else []
-        self._buffered = len(rest)
-        self._receive_events(self._run(pcm[:fed], is_final=False))
+        if self._buffered >= self.chunk_samples:
+            pcm = np.concatenate(self._buffer)
+            fed = len(pcm) - len(pcm) % self.chunk_samples
+            rest = pcm[fed:]
+            self._buffer = [rest] if len(rest) else []
+            self._buffered = len(rest)
+            self._inflight.append(self._model.submit(self._step, pcm[:fed]))
+        self._harvest()
+        # Held back no more than promised: wait only for a stream more than a chunk ahead of FSMN.
+        while self._inflight and self._received_frames - self._answered_frames > self.max_lag_frames:
+            self._harvest(wait=True)
+        return self._answer()
+
+    def _step(self, pcm: Int16Array) -> tuple[list[Any], int, int]:
+        """On the FSMN thread: one chunk through FSMN; its events, the frames scored so far, and how
+        far back a start could still be placed."""
+        events = self._run(pcm, False)
         stats = self._cache["stats"]
         scored_frames = int(stats.frm_cnt)  # FSMN frames scored and decided on so far
-        if self._open:
-            lag = self._model.end_lookback_frames
-        else:
-            # A start needs `thres` speech frames among the window's last 20; with `win_sum` there now,
-            # it is decided no sooner than `thres - 1 - win_sum` frames from now.
-            window = self._cache["windows_detector"]
-            wait = max(0, int(window.sil_to_speech_frmcnt_thres) - 1 - int(window.win_sum))
-            lag = max(0, self._model.start_latency_frames - wait)
-        self._decided_sample = max(self._decided_sample, (scored_frames - lag) * FSMN_FRAME_SAMPLES)
+        # A start needs `thres` speech frames among the window's last 20; with `win_sum` there now, it is
+        # decided no sooner than `thres - 1 - win_sum` frames from now.
+        window = self._cache["windows_detector"]
+        wait = max(0, int(window.sil_to_speech_frmcnt_thres) - 1 - int(window.win_sum))
+        start_lag = max(0, self._model.start_latency_frames - wait)
         self._trim(stats)
-        return self._answer()
+        return events, scored_frames, start_lag
+
+    def _harvest(self, *, wait: bool = False) -> None:
+        """Take the answers of chunks FSMN has finished, in order (``wait``: at least the oldest)."""
+        while self._inflight and (wait or self._inflight[0].done()):
+            wait = False
+            events, scored_frames, start_lag = self._inflight.popleft().result()
+            self._receive_events(events)
+            lag = self._model.end_lookback_frames if self._open else start_lag
+            self._decided_sample = max(self._decided_sample, (scored_frames - lag) * FSMN_FRAME_SAMPLES)
 
     def flush(self) -> Sequence[bool]:
         """End of stream or a ``Finalize``: FSMN sees the rest as final; flags for every frame not yet
@@ -358,8 +390,11 @@ class FsmnFrameVad:
         The classifier is then as new: the stream's next frame starts it afresh.
         """
         end_of_audio = self._received_frames * self.frame_samples
+        while self._inflight:
+            self._harvest(wait=True)
         if self._buffered:
-            self._receive_events(self._run(np.concatenate(self._buffer), is_final=True))
+            pcm = np.concatenate(self._buffer)
+            self._receive_events(self._model.submit(self._run, pcm, True).result())
             # The final call closes an open segment at the last frame FSMN could score, which ends up
             # to one window (25 ms) short of the audio: that is the audio running out, not a pause.
             last = self._segments[-1] if self._segments else None
@@ -377,7 +412,7 @@ class FsmnFrameVad:
 
     # ----------------------------------------------------------------------------------------------
 
-    def _run(self, pcm: Int16Array, *, is_final: bool) -> list[Any]:
+    def _run(self, pcm: Int16Array, is_final: bool) -> list[Any]:
         audio = torch.from_numpy(pcm.astype(np.float32) * np.float32(1.0 / 32768.0))
         return self._model.run(audio, self._cache, chunk_ms=self._chunk_ms, is_final=is_final)
 

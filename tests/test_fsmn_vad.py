@@ -11,7 +11,7 @@ import wave
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -147,9 +147,30 @@ def test_every_frame_answered_once_within_the_lag(
     assert any(flags) and not all(flags)
 
 
-def test_lag_bound_is_450_ms_with_the_defaults(model: FsmnVadModel) -> None:
-    """With 30 ms frames and 200 ms chunks the documented bound holds: 15 frames."""
-    assert model.session_vad(frame_ms=30, chunk_ms=200).max_lag_frames == 15
+def test_lag_bound_is_660_ms_with_the_defaults(model: FsmnVadModel) -> None:
+    """With 30 ms frames and 200 ms chunks the documented bound holds: 15 frames for FSMN's own
+    lag, plus one chunk on the FSMN thread: 22 frames."""
+    assert model.session_vad(frame_ms=30, chunk_ms=200).max_lag_frames == 22
+
+
+def test_fsmn_never_runs_on_the_callers_thread(model: FsmnVadModel, speech: Speech) -> None:
+    """Every FSMN call runs on the model's own thread, never on the thread that feeds frames (the
+    event loop), Finalize's flush included; the answers are those of a session alone."""
+    threads: list[str] = []
+    original = model.run
+
+    def recording_run(*args: Any, **kwargs: Any) -> list[Any]:
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    model.run = recording_run  # type: ignore[method-assign]
+    try:
+        flags, most_held = stream(model.session_vad(frame_ms=30, chunk_ms=200), speech.audio)
+    finally:
+        del model.run
+    assert threads and threading.current_thread().name not in threads
+    assert {name.split("_")[0] for name in threads} == {"fsmn-vad"}
+    assert any(flags) and most_held <= 22
 
 
 def test_stream_ending_in_speech_flags_the_rest_speech(model: FsmnVadModel, speech: Speech) -> None:
@@ -220,7 +241,8 @@ def test_vad_calls_use_one_thread_without_changing_the_default(model: FsmnVadMod
             stream(vad, noise)
             return torch.get_num_threads()
 
-        assert in_new_thread(run_vad) == model.threads == 1
+        assert in_new_thread(run_vad) == 3, "the feeding thread is left alone"
+        assert model.submit(torch.get_num_threads).result() == model.threads == 1
         assert in_new_thread(torch.get_num_threads) == 3
     finally:
         in_new_thread(torch.set_num_threads, default)
