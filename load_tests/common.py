@@ -53,6 +53,7 @@ import numpy.typing as npt
 import psutil
 
 from stream_server.client import listen_url
+from stream_server.compat import timeout
 from stream_server.testing.speech import (
     MEETING_CLIPS,
     RECORDED_SPEECH,
@@ -892,7 +893,7 @@ async def stream_session(
     started = time.monotonic()
     position = 0
     try:
-        async with asyncio.timeout(timeout_s):
+        async with timeout(timeout_s):
             # websockets' own keepalive, as a standard client has it (ping every 20 s, pong due in 20 s),
             # also when streaming faster than real time: the server must answer it.
             async with connect(
@@ -944,7 +945,7 @@ async def stream_session(
                 result.close_code = ws.close_code
                 if ws.close_code != 1000:
                     result.errors.append(f"close {ws.close_code} {ws.close_reason}")
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
         result.errors.append(f"timeout after {timeout_s:.0f} s")
     except InvalidStatus as exc:
         result.errors.append(f"refused: HTTP {exc.response.status_code}")

@@ -83,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from stream_server.compat import timeout  # noqa: E402
 from stream_server.testing.speech import normalize_text, word_error_rate  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -495,7 +496,7 @@ async def whisperlive_session(
     paced_from = started
     position = 0
     try:
-        async with asyncio.timeout(timeout_s):
+        async with timeout(timeout_s):
             async with connect(url, max_size=None, open_timeout=30, ping_interval=20.0) as ws:
 
                 async def receive() -> None:
@@ -521,8 +522,8 @@ async def whisperlive_session(
                 await ws.send(json.dumps(whisperlive_options(use_vad)))
                 reader = asyncio.ensure_future(receive())
                 try:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(ready_timeout_s):
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        async with timeout(ready_timeout_s):
                             await asyncio.wait(
                                 [reader, asyncio.ensure_future(ready.wait())],
                                 return_when=asyncio.FIRST_COMPLETED,
@@ -564,7 +565,7 @@ async def whisperlive_session(
                 result.close_code = ws.close_code
                 if ws.close_code != 1000:
                     result.errors.append(f"close {ws.close_code} {ws.close_reason}")
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
         result.errors.append(f"timeout after {timeout_s:.0f} s")
     except InvalidStatus as exc:
         result.errors.append(f"refused: HTTP {exc.response.status_code}")

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .compat import timeout
+
 Int16Array = npt.NDArray[np.int16]
 
 
@@ -161,6 +163,10 @@ async def stream_audio(
 
     Returns:
         The report; latencies are measured from the client's clock.
+
+    Raises:
+        asyncio.TimeoutError: the stream did not end within ``timeout_s`` (on Python 3.10 this is not the
+            builtin TimeoutError).
     """
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
@@ -177,7 +183,7 @@ async def stream_audio(
         return sent_at[i] if i < len(sent_at) else None
 
     started = time.monotonic()
-    async with asyncio.timeout(timeout_s):
+    async with timeout(timeout_s):
         async with connect(listen_url(url, query), max_size=None) as ws:
 
             async def receive() -> None:
@@ -287,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.url, pcm, rate, speed=args.speed, chunk_ms=args.chunk_ms, params=params, on_message=show
             )
         )
+    except asyncio.TimeoutError:  # before OSError: from Python 3.11 the builtin TimeoutError is one
+        print(f"stream-client: {args.url} did not end the stream in time", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"stream-client: cannot connect to {args.url}: {exc}", file=sys.stderr)
         return 1

@@ -384,7 +384,7 @@ class Server:
         done = asyncio.gather(*(conn.finished.wait() for conn in connections))
         try:
             await asyncio.wait_for(done, timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
             logger.warning(
                 "drain timed out; closing %d stream(s)",
                 sum(1 for c in connections if not c.finished.is_set()),

@@ -12,6 +12,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from stream_server.compat import timeout
 from stream_server.config import Config, ServerConfig
 from stream_server.engines.base import Engine
 from stream_server.transport import Server
@@ -64,7 +65,7 @@ async def collect(ws: ClientConnection, timeout_s: float = 60.0) -> StreamResult
     """Read every message until the server closes the stream."""
     result = StreamResult()
     try:
-        async with asyncio.timeout(scaled(timeout_s)):
+        async with timeout(scaled(timeout_s)):
             async for raw in ws:
                 assert isinstance(raw, str), "the server only sends text frames"
                 result.messages.append(json.loads(raw))
