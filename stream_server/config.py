@@ -146,6 +146,12 @@ class SegmenterConfig:
         max_segment_ms: no segment the model sees is longer; longer speech is cut at the quietest
             point within the last ``cut_search_ms``.
         cut_search_ms: where to look for that quiet point.
+        min_finalize_audio_ms: a client ``Finalize`` ends the open segment only when at least this much
+            audio came since the last Finalize that ended one; otherwise it is acknowledged (an empty
+            ``from_finalize`` final) without model work and the audio stays in the segment for a later
+            final. Bounds the model calls a client can force to one per this much audio (4 per second
+            at 250 ms), well under a word (``min_speech_ms`` of speech plus its pre-roll), so a client
+            finalizing each utterance never waits. 0 lets every Finalize end the segment.
         fsmn_chunk_ms: FSMN-VAD decision chunk.
     """
 
@@ -166,6 +172,7 @@ class SegmenterConfig:
     min_speech_ms: int = 200
     max_segment_ms: int = 20000
     cut_search_ms: int = 3000
+    min_finalize_audio_ms: int = 250
     fsmn_chunk_ms: int = 200
 
     def __post_init__(self) -> None:
@@ -215,6 +222,7 @@ class SegmenterConfig:
             "max_segment_ms",
             "must exceed cut_search_ms + pre_roll_ms + speech_start_window_ms",
         )
+        _check(0 <= self.min_finalize_audio_ms <= 5000, "min_finalize_audio_ms", "must be 0..5000 (0: off)")
         _check(50 <= self.fsmn_chunk_ms <= 1000, "fsmn_chunk_ms", "must be 50..1000")
 
 
@@ -253,12 +261,16 @@ class BatchConfig:
         max_queue: requests waiting at most; finals wait for room (back-pressure on the sockets),
             interims beyond it are skipped.
         interim_queue_fraction: interims are skipped once the queue is this full.
+        engine_call_timeout_s: a model call running longer fails its requests (TRANSCRIPTION_FAILED);
+            the call cannot be stopped unless the engine can abort it (ONNX Runtime), so its worker is
+            stuck, and /health degraded, until it returns. 0: no limit.
     """
 
     max_batch_size: int = 0
     max_wait_ms: int = 10
     max_queue: int = 256
     interim_queue_fraction: float = 0.25
+    engine_call_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.max_batch_size <= 256, "max_batch_size", "must be 0 (by device) or 1..256")
@@ -269,6 +281,7 @@ class BatchConfig:
             "must be max_batch_size..100000",
         )
         _check(0 < self.interim_queue_fraction <= 1, "interim_queue_fraction", "must be in (0, 1]")
+        _check(0 <= self.engine_call_timeout_s <= 3600, "engine_call_timeout_s", "must be 0 (none)..3600")
 
 
 def batch_size_for(max_batch_size: int, preferred: int) -> int:
@@ -286,6 +299,11 @@ class LimitsConfig:
         idle_timeout_s: close a stream that sent neither audio nor KeepAlive for this long
             (Deepgram closes after 10 s).
         max_client_errors: non-fatal protocol errors tolerated per stream before it is closed (1008).
+        max_finalize_per_s: ``Finalize`` messages allowed per second of audio received, beyond
+            ``finalize_burst``; each one more gets a non-fatal ``RATE_LIMITED`` error (counted towards
+            max_client_errors) and is ignored. Counted in audio, not wall-clock time, so the session
+            core stays pure; KeepAlive is never limited. 0 for no limit.
+        finalize_burst: ``Finalize`` messages allowed at once, however little audio came before.
         max_pending_finals: finals of one stream waiting for the model before the server stops feeding
             that stream's audio to its session; what the client sends meanwhile goes to the spool.
         max_session_s: longest stream in seconds of audio, 0 for no limit.
@@ -308,6 +326,8 @@ class LimitsConfig:
     max_frame_bytes: int = 1 << 20
     idle_timeout_s: float = 10.0
     max_client_errors: int = 16
+    max_finalize_per_s: float = 5.0
+    finalize_burst: int = 10
     max_pending_finals: int = 4
     max_session_s: float = 0.0
     admission: bool = True
@@ -322,6 +342,8 @@ class LimitsConfig:
         _check(1024 <= self.max_frame_bytes <= 64 << 20, "max_frame_bytes", "must be 1 KiB..64 MiB")
         _check(0.1 <= self.idle_timeout_s <= 3600, "idle_timeout_s", "must be 0.1..3600")
         _check(1 <= self.max_client_errors <= 1000, "max_client_errors", "must be 1..1000")
+        _check(0 <= self.max_finalize_per_s <= 1000, "max_finalize_per_s", "must be 0 (no limit) .. 1000")
+        _check(1 <= self.finalize_burst <= 1000, "finalize_burst", "must be 1..1000")
         _check(1 <= self.max_pending_finals <= 64, "max_pending_finals", "must be 1..64")
         _check(0 <= self.max_session_s, "max_session_s", "must be >= 0")
         _check(

@@ -128,13 +128,16 @@ class SessionIdentity:
 
 @dataclass(frozen=True)
 class SessionSettings:
-    """Server-side settings a session needs (from :class:`~stream_server.config.Config`)."""
+    """Server-side settings a session needs (from :class:`~stream_server.config.Config`; the limits
+    as in :class:`~stream_server.config.LimitsConfig`)."""
 
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     interim: InterimConfig = field(default_factory=InterimConfig)
     max_client_errors: int = 16
     max_session_s: float = 0.0
     max_frame_bytes: int = 1 << 20
+    max_finalize_per_s: float = 5.0
+    finalize_burst: int = 10
 
 
 def segmenter_settings(options: StreamOptions, seg: SegmenterConfig) -> SegmenterSettings:
@@ -260,6 +263,13 @@ class Session:
         self._interim_in_flight = False
         self._interim_backoff = 1
         self._next_interim_sample = 0
+
+        # Finalize limits (README, "Protocol"): model work needs new audio, messages a token bucket
+        # refilled by the audio received (no clock: the core stays pure).
+        self._min_finalize_samples = SAMPLE_RATE_HZ * settings.segmenter.min_finalize_audio_ms // 1000
+        self._last_forced_sample: int | None = None  # where the last Finalize that ended a segment was
+        self._finalize_tokens = float(settings.finalize_burst)
+        self._finalize_refilled_s = 0.0
 
         seg = settings.segmenter
         speculate = math.ceil(seg.speculative_final_ms / seg.frame_ms) if seg.speculative_final_ms else 0
@@ -399,6 +409,17 @@ class Session:
         if isinstance(message, KeepAlive):
             return
         if isinstance(message, Finalize):
+            if not self._take_finalize_token():
+                self._client_error(
+                    ProtocolViolation(
+                        "RATE_LIMITED",
+                        f"More than {self.settings.finalize_burst} Finalize messages at once, or more than "
+                        f"{self.settings.max_finalize_per_s:g} per second of audio; this one was ignored "
+                        "(its audio stays in the open segment). Send Finalize when speech ends, not with "
+                        "every chunk.",
+                    )
+                )
+                return
             self._flush_vad()
             self._finalize(EndReason.FINALIZE)
         elif isinstance(message, CloseStream):
@@ -770,9 +791,43 @@ class Session:
     # ------------------------------------------------------------------------------------------
     # Ending segments and streams
 
+    def _take_finalize_token(self) -> bool:
+        """Whether a Finalize is within ``max_finalize_per_s`` per second of audio (after a burst of
+        ``finalize_burst``); takes its token if so."""
+        rate = self.settings.max_finalize_per_s
+        if rate <= 0:
+            return True
+        audio_s = self._decoder.input_duration_s
+        refill = (audio_s - self._finalize_refilled_s) * rate
+        self._finalize_tokens = min(float(self.settings.finalize_burst), self._finalize_tokens + refill)
+        self._finalize_refilled_s = audio_s
+        if self._finalize_tokens < 1.0:
+            return False
+        self._finalize_tokens -= 1.0
+        return True
+
     def _finalize(self, reason: EndReason) -> None:
         now = self._ring.end_index
-        events = self._segmenter.finalize(now, reason)
+        seg = self._segmenter
+        forced = self._last_forced_sample
+        if (
+            reason is EndReason.FINALIZE
+            and seg.in_segment
+            and forced is not None
+            and now - forced < self._min_finalize_samples
+        ):
+            # Too little audio since the last Finalize that ended a segment to be worth a model call (a
+            # client finalizing every chunk): acknowledged at once, and the audio stays in the open
+            # segment for its final later. The acknowledgement spans only the gap before the segment, so
+            # it never overlaps that final.
+            start = self._last_final_end_sample
+            end = max(start, seg.segment_start_sample)
+            self._slots.append(_Slot(event=self._empty_final(start, end, EndReason.FINALIZE, 0)))
+            self._last_final_end_sample = end
+            return
+        events = seg.finalize(now, reason)
+        if events and reason is EndReason.FINALIZE:
+            self._last_forced_sample = now
         if events:
             self._handle(events)
         elif reason is EndReason.FINALIZE:

@@ -84,6 +84,8 @@ def make_session(
     max_client_errors: int = 16,
     max_session_s: float = 0.0,
     vad: FrameVad | None = None,
+    max_finalize_per_s: float = 5.0,
+    finalize_burst: int = 10,
 ) -> Session:
     seg = segmenter or SegmenterConfig()
     settings = SessionSettings(
@@ -91,6 +93,8 @@ def make_session(
         interim=interim or InterimConfig(),
         max_client_errors=max_client_errors,
         max_session_s=max_session_s,
+        max_finalize_per_s=max_finalize_per_s,
+        finalize_burst=finalize_burst,
     )
     return Session(options or StreamOptions(), settings, vad or EnergyVad(seg.frame_ms, -40.0), IDENTITY)
 

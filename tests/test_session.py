@@ -14,7 +14,7 @@ from stream_server.errors import CloseCode
 from stream_server.protocol import Error, Results, StreamOptions
 from stream_server.session import JobKind
 
-from .synth import RATE, Driver, LaggingVad, check_segments, make_session, pcm16, silence, tone
+from .synth import RATE, Driver, LaggingVad, check_segments, chunks, make_session, pcm16, silence, tone
 
 TWO_SEGMENTS = np.concatenate([silence(1000), tone(2000), silence(1000), tone(1500), silence(1000)])
 
@@ -620,3 +620,64 @@ def test_no_request_is_longer_than_max_segment(ending: str, lag_frames: int) -> 
         for prev, nxt in zip(finals, finals[1:], strict=False):
             assert prev.start_s + prev.duration_s == nxt.start_s, "the finals tile: no audio dropped"
         assert abs(finals[-1].start_s + finals[-1].duration_s - total_ms / 1000) < 1e-9
+
+
+# Finalize rate limiting (issue 8): speech with short pauses, as a client would stream it.
+CHATTER = np.concatenate([silence(300), *[np.concatenate([tone(1700), silence(300)]) for _ in range(3)]])
+FINALIZE = '{"type": "Finalize"}'
+
+
+def finalize_after_every_chunk(d: Driver, audio: np.ndarray, chunk_ms: int) -> int:
+    """Stream ``audio`` in ``chunk_ms`` chunks with a Finalize after each; returns how many were sent."""
+    sent = 0
+    for piece in chunks(pcm16(audio), RATE * chunk_ms // 1000 * 2):
+        d.session.receive_audio(piece)
+        d.pump()
+        d.text(FINALIZE)
+        sent += 1
+    return sent
+
+
+def test_finalize_needs_new_audio_to_force_model_work() -> None:
+    """A Finalize after every 100 ms chunk ends a segment only once min_finalize_audio_ms came since the
+    last one that did; the rest are acknowledged without model work, and no audio is dropped."""
+    d = Driver(make_session(segmenter=NO_SPECULATION, max_finalize_per_s=0))
+    sent = finalize_after_every_chunk(d, CHATTER, 100)
+    acknowledged = sum(1 for e in d.events if isinstance(e, Results) and e.from_finalize)
+    d.text('{"type": "CloseStream"}')
+    audio_s = len(CHATTER) / RATE
+    finals = [j for j in d.jobs if j.kind is JobKind.FINAL]
+    assert len(finals) <= audio_s * 1000 / 250 + 1, f"{len(finals)} model calls for {sent} Finalize"
+    assert all(j.end_sample - j.start_sample >= 250 * RATE // 1000 for j in finals[:-1])
+    assert acknowledged == sent, "every Finalize is answered by a from_finalize final"
+    assert not d.of_type("Error")
+    segment_finals = check_segments(d)
+    for prev, nxt in zip(segment_finals, segment_finals[1:], strict=False):  # speech never pauses long
+        assert abs(prev.start_s + prev.duration_s - nxt.start_s) < 1e-9, "no audio dropped between them"
+    assert segment_finals[-1].start_s + segment_finals[-1].duration_s >= audio_s - 0.3, "up to the last word"
+
+
+def test_finalize_flood_is_rate_limited() -> None:
+    """Finalize after every 20 ms chunk soon gets RATE_LIMITED errors (non-fatal, counted towards
+    max_client_errors) instead of a flush each; the audio still reaches its finals."""
+    d = Driver(make_session(max_client_errors=1000))
+    sent = finalize_after_every_chunk(d, CHATTER, 20)
+    audio_s = len(CHATTER) / RATE
+    limited = [e for e in d.events if isinstance(e, Error) and e.code == "RATE_LIMITED"]
+    acknowledged = [e for e in d.events if isinstance(e, Results) and e.from_finalize]
+    assert len(acknowledged) <= 10 + 5 * audio_s + 1 and len(acknowledged) + len(limited) == sent
+    assert all(e.close_code is None for e in limited)
+    d.text('{"type": "CloseStream"}')
+    check_segments(d)
+    assert d.session.close is not None and d.session.close.code == CloseCode.NORMAL
+
+
+def test_finalize_flood_closes_the_stream_after_max_client_errors() -> None:
+    """RATE_LIMITED counts towards max_client_errors: a client that keeps flooding is closed with 1008,
+    after the finals it is owed."""
+    d = Driver(make_session(max_client_errors=16))
+    finalize_after_every_chunk(d, CHATTER, 20)
+    codes = [e["code"] for e in d.of_type("Error") if e["code"] != "AUDIO_AFTER_CLOSE"]
+    assert codes == ["RATE_LIMITED"] * 16 + ["TOO_MANY_ERRORS"]
+    assert d.session.close is not None and d.session.close.code == CloseCode.POLICY_VIOLATION
+    check_segments(d)
