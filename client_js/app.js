@@ -1,7 +1,9 @@
 // The live-captions page served at GET / (index.html). Wires LiveTranscriber to the DOM.
 //
 // Query parameters: ?server=ws://host:port points the page at another server (default: the one that
-// served it); ?language=en preselects a language; ?contrast=1 starts in the high-contrast theme.
+// served it); ?token_url=URL names where to get a short-lived token before every connection, for a
+// server with API keys (README, "Authentication"); ?language=en preselects a language; ?contrast=1
+// starts in the high-contrast theme.
 
 import {
   FileSource,
@@ -44,6 +46,35 @@ function listenUrl() {
 
 const LISTEN_URL = listenUrl();
 const HEALTH_URL = healthUrlFor(LISTEN_URL);
+// The page never holds an API key: ?token_url= names an endpoint of the operator's (beside the page,
+// behind its login) that answers POST with {"access_token": ...}, as the server's own
+// POST /v1/auth/grant does for whoever holds a key.
+const TOKEN_URL = query.get('token_url') ? new URL(query.get('token_url'), location.href).href : null;
+const AUTH_HELP =
+  'This server requires a token. Open this page with ?token_url= naming an endpoint that hands out ' +
+  'short-lived tokens (POST, answering {"access_token": …}); see the README, "Authentication".';
+
+/** A fresh token from TOKEN_URL (called before every connection attempt, reconnects included). */
+async function fetchToken() {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), 8000);
+  try {
+    let response;
+    try {
+      response = await fetch(TOKEN_URL, { method: 'POST', cache: 'no-store', signal: controller.signal });
+    } catch {
+      throw new Error(`the token endpoint ${TOKEN_URL} is not reachable`);
+    }
+    if (!response.ok) throw new Error(`the token endpoint ${TOKEN_URL} answered HTTP ${response.status}`);
+    const body = await response.json().catch(() => ({}));
+    if (typeof body.access_token !== 'string' || !body.access_token) {
+      throw new Error(`the token endpoint ${TOKEN_URL} answered without an access_token`);
+    }
+    return body.access_token;
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 const ui = {
   state: $('state'),
@@ -75,6 +106,7 @@ const app = {
   captionFinals: [],
   interim: '',
   health: null,
+  authWarned: false,
   wakeLock: null,
 };
 window.captionsApp = app; // for debugging from the console
@@ -174,6 +206,10 @@ async function checkHealth() {
       } else {
         ui.fallback.hidden = true;
       }
+    }
+    if (body.auth_required && !TOKEN_URL && !app.authWarned) {
+      app.authWarned = true;
+      showMessage('warning', AUTH_HELP);
     }
     if (!body.ready) {
       const why = body.status === 'loading' ? 'the server is loading its model' : body.status === 'draining' ? 'the server is shutting down' : `the server is not ready (${body.status}${body.error ? `: ${body.error}` : ''})`;
@@ -404,6 +440,10 @@ function archiveRun() {
 
 async function start() {
   clearMessage();
+  if (app.health?.auth_required && !TOKEN_URL) {
+    showMessage('error', AUTH_HELP);
+    return;
+  }
   let source;
   if (sourceKind() === 'file') {
     const file = ui.fileInput.files?.[0];
@@ -422,6 +462,7 @@ async function start() {
   const transcriber = new LiveTranscriber({
     url: LISTEN_URL,
     params: { interim_results: true, punctuate: true, language },
+    getToken: TOKEN_URL ? fetchToken : null,
   });
   app.transcriber = transcriber;
   app.runOffsetS = app.archiveOffsetS;

@@ -36,6 +36,7 @@ export const DEFAULT_OPTIONS = Object.freeze({
   params: { interim_results: true, punctuate: true },
   token: null,
   getToken: null,
+  authScheme: 'bearer',
   frameMs: 50,
   keepAliveMs: 4000,
   connectTimeoutMs: 10000,
@@ -109,6 +110,10 @@ export class LiveTranscriber extends EventTarget {
     if (!(Number.isInteger(o.maxAttempts) && o.maxAttempts >= 1)) {
       throw new RangeError('maxAttempts must be a whole number >= 1');
     }
+    if (!['bearer', 'token'].includes(o.authScheme)) {
+      throw new RangeError("authScheme must be 'bearer' (a grant token) or 'token' (an API key)");
+    }
+    if (o.getToken !== null && typeof o.getToken !== 'function') throw new TypeError('getToken must be a function');
     this.options = o;
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
     this._fetch = o.fetch ?? globalThis.fetch?.bind(globalThis);
@@ -137,6 +142,7 @@ export class LiveTranscriber extends EventTarget {
     this._latencies = [];
     this._lastInterim = '';
     this._stopped = null;
+    this._sentCredential = false;
   }
 
   // ------------------------------------------------------------------------------------------------
@@ -375,7 +381,7 @@ export class LiveTranscriber extends EventTarget {
   // ------------------------------------------------------------------------------------------------
   // Connection
 
-  async _buildUrl() {
+  _buildUrl() {
     const url = new URL(this.options.url);
     const params = {
       ...Object.fromEntries(
@@ -386,10 +392,23 @@ export class LiveTranscriber extends EventTarget {
       channels: '1',
     };
     for (const [key, value] of Object.entries(params)) url.searchParams.set(key, String(value));
-    // Authentication hook: the server reserves `token` (README, "Protocol: parameters").
-    const token = this.options.getToken ? await this.options.getToken() : this.options.token;
-    if (token) url.searchParams.set('token', token);
     return url.href;
+  }
+
+  /**
+   * The credential for the next connection attempt, or null: `getToken()`, called before every
+   * attempt so that a short-lived grant token is always fresh, or the fixed `token`. It travels as the
+   * WebSocket subprotocol pair [authScheme, token] (browsers cannot set an Authorization header on a
+   * WebSocket), never in the URL, which ends up in logs (README, "Authentication").
+   */
+  async _credential() {
+    const value = this.options.getToken ? await this.options.getToken() : this.options.token;
+    if (value === null || value === undefined || value === '') return null;
+    const token = typeof value === 'string' ? value : (value.token ?? value.access_token);
+    if (typeof token !== 'string' || !token) {
+      throw new TypeError('getToken() must give a token string, or an object with `token` or `access_token`');
+    }
+    return token;
   }
 
   async _connect() {
@@ -397,17 +416,19 @@ export class LiveTranscriber extends EventTarget {
     this._attempt += 1;
     const attempt = this._attempt;
     this._setState('connecting', { attempt, maxAttempts: this.options.maxAttempts });
-    let url;
+    let token;
     try {
-      url = await this._buildUrl();
+      token = await this._credential();
     } catch (error) {
-      this._connectionFailed(null, `Could not prepare the connection: ${error?.message ?? error}`, 'AUTH_FAILED');
+      this._connectionFailed(null, `Could not get a token for the connection: ${error?.message ?? error}`, 'AUTH_FAILED');
       return;
     }
     if (this._stopping) return;
+    this._sentCredential = Boolean(token);
     let ws;
     try {
-      ws = new this._WebSocket(url);
+      const url = this._buildUrl();
+      ws = token ? new this._WebSocket(url, [this.options.authScheme, token]) : new this._WebSocket(url);
     } catch (error) {
       this._connectionFailed(null, `Invalid server address ${this.options.url}: ${error?.message ?? error}`, 'BAD_URL', false);
       return;
@@ -651,6 +672,12 @@ export class LiveTranscriber extends EventTarget {
         body = await response.json();
       } catch {
         body = {};
+      }
+      if (response.ok && body.ready && body.auth_required && !this._sentCredential) {
+        return 'the server requires a token and none was given (see the getToken option)';
+      }
+      if (response.ok && body.ready && body.auth_required) {
+        return 'the server is up but refused this stream (the token was not accepted, or it is at its session limit, or a parameter it does not accept)';
       }
       if (response.ok && body.ready) {
         return 'the server is up but refused this stream (at its session limit, or a parameter it does not accept)';

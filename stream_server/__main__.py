@@ -176,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from aiohttp import web
 
+    from .auth import is_loopback_host
     from .engines.loader import load_engine
     from .memory import pin_malloc_thresholds
     from .transport import Server
@@ -192,7 +193,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def loader() -> Any:
         return load_engine(config.engine, max_audio_s=max_audio_s, max_batch_size=config.batch.max_batch_size)
 
-    server = Server(config, engine_loader=loader, on_fatal=on_fatal)
+    try:
+        server = Server(config, engine_loader=loader, on_fatal=on_fatal)  # reads --api-keys-file
+    except ConfigError as exc:
+        parser.error(str(exc))
+    log = logging.getLogger("stream_server")
+    log.info("authentication: %s", server.auth.describe())
+    if not server.auth.enabled and not is_loopback_host(config.server.host):
+        log.warning(
+            "NO API KEYS and listening on %s: anyone who can reach this port may stream audio; set "
+            '--api-key or --api-keys-file (README, "Authentication")',
+            config.server.host,
+        )
     logging.getLogger("stream_server").info(
         "stream-server %s listening on http://%s:%d (WebSocket /v1/listen); loading model %r",
         __version__,

@@ -36,13 +36,15 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from . import __version__
+from .auth import MAX_GRANT_BODY_BYTES, WWW_AUTHENTICATE, Authenticator, Principal, parse_grant_body
 from .batcher import Batcher, BatchReport
 from .capacity import CapacityModel, CapacitySettings, calibration_clips
 from .config import Config, default_threads
 from .engines.base import SAMPLE_RATE_HZ, Engine, EngineInfo, TranscribeRequest
-from .errors import BadRequest, BatcherClosed, InterimSkipped
+from .engines.hub import is_hub_id
+from .errors import AuthError, BadRequest, BatcherClosed, InterimSkipped
 from .metrics import Metrics
-from .protocol import Error, ModelInfo, Results, StreamOptions, parse_options, serialize
+from .protocol import AUTH_PARAMS, Error, ModelInfo, Results, StreamOptions, parse_options, serialize
 from .session import Job, JobKind, Session, SessionIdentity, SessionSettings
 from .spool import BINARY, TEXT, Spool
 from .vad import FrameVad, MinSpeechRun, NoiseGate, WebRtcVad
@@ -114,6 +116,8 @@ def _now_iso() -> str:
 
 
 MAX_HEADER_CHARS = 1024
+GRANT_BODY_TIMEOUT_S = 10.0
+"""How long the body of a grant request may take to arrive."""
 
 
 def header_safe(text: str) -> str:
@@ -135,6 +139,78 @@ def _json_error(status: int, code: str, description: str, **headers: str) -> web
         content_type="application/json",
         headers={"dg-error": header_safe(description), **headers},
     )
+
+
+# What clients learn about the engine (/health, Metadata, refusals): nothing internal. Local paths,
+# library versions and exception text go to the log only (README, "Authentication": what is disclosed).
+PUBLIC_EXTRAS = frozenset(
+    {
+        "backend",
+        "threads",
+        "workers",
+        "length_buckets_s",
+        "beam_size",
+        "retry_beam_size",
+        "encoder_buckets_s",
+        "encoder_margin_s",
+        "batch_encoder",
+        "compute_type",
+        "multilingual_model",
+    }
+)
+"""Engine extras that say how it runs, not where from; any other extra (a version, a file) stays private."""
+LOCAL_MODEL = "local folder"
+MODEL_FAILED_DESCRIPTION = "The model could not be loaded; the server's log says why."
+
+
+def public_model_id(model: str) -> str:
+    """A hub id as it is (``iic/SenseVoiceSmall``); anything else, which is a path, as ``local folder``."""
+    return model if is_hub_id(model) and not Path(model).exists() else LOCAL_MODEL
+
+
+def public_extras(extras: dict[str, str]) -> dict[str, str]:
+    """The allowed extras (``PUBLIC_EXTRAS``), and only values that hold no path."""
+    return {k: v for k, v in extras.items() if k in PUBLIC_EXTRAS and "/" not in v and "\\" not in v}
+
+
+def public_fallback_reason(info: EngineInfo) -> str | None:
+    """Why a fallback runs, for clients: a fixed sentence (the real reason, with hub errors and paths,
+    is in the log)."""
+    if info.fallback_reason is None:
+        return None
+    languages = ", ".join(info.languages) or "auto"
+    return (
+        f"The server could not load its main model and runs the fallback {info.name} ({languages}); "
+        "its log says why."
+    )
+
+
+def _request_key(name: str, kind: type[Any]) -> Any:
+    """aiohttp's typed request key where it has one (from 3.14 a plain str key warns), else the name."""
+    make = getattr(web, "RequestKey", None)
+    return make(name, kind) if make is not None else name
+
+
+PRINCIPAL_KEY: Any = _request_key("principal", Principal)
+"""``request[PRINCIPAL_KEY]``: who an authenticated stream handshake is (absent on a server without keys)."""
+WS_PROTOCOLS_KEY: Any = _request_key("ws_protocols", tuple)
+"""``request[WS_PROTOCOLS_KEY]``: the subprotocol the handshake selects (``()`` or one)."""
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """A request's body, but no more than one byte past ``MAX_GRANT_BODY_BYTES``."""
+    body = b""
+    while len(body) <= MAX_GRANT_BODY_BYTES:
+        chunk = await request.content.read(MAX_GRANT_BODY_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
+
+
+async def _hide_server_software(_: web.Request, response: web.StreamResponse) -> None:
+    """No library versions in answers (aiohttp's default ``Server`` header names Python's and its own)."""
+    response.headers["Server"] = "stream-server"
 
 
 def web_dir() -> Path | None:
@@ -216,6 +292,7 @@ class Server:
         self.draining = False
         self._runner: web.AppRunner | None = None
         self._load_task: asyncio.Task[None] | None = None
+        self.auth = Authenticator.from_config(config.auth)  # reads --api-keys-file (ConfigError)
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------
@@ -225,6 +302,8 @@ class Server:
         app = web.Application()
         app.router.add_get("/v1/listen", self._listen)
         app.router.add_get("/health", self._health)
+        app.router.add_post("/v1/auth/grant", self._grant)
+        app.router.add_route("OPTIONS", "/v1/auth/grant", self._grant_preflight)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._static)
@@ -430,20 +509,22 @@ class Server:
         )
 
     def engine_details(self, info: EngineInfo) -> dict[str, Any]:
+        """The engine as clients see it (``/health``, ``Metadata.model_details``): no local paths,
+        library versions or exception text (``public_model_id``, ``public_extras``)."""
         return {
             "name": info.name,
-            "model": info.model,
+            "model": public_model_id(info.model),
             "device": info.device,
             "dtype": info.dtype,
             "languages": list(info.languages),
             "fallback": info.fallback_reason is not None,
-            "fallback_reason": info.fallback_reason,
+            "fallback_reason": public_fallback_reason(info),
             "max_batch_size": info.max_batch_size,
             "max_audio_s": info.max_audio_s,
-            **info.extras,
+            **public_extras(info.extras),
         }
 
-    async def _health(self, _: web.Request) -> web.Response:
+    async def _health(self, request: web.Request) -> web.Response:
         body: dict[str, Any] = {
             "status": self.state if not self.draining else "draining",
             "ready": self.state == READY and not self.draining,
@@ -460,10 +541,13 @@ class Server:
         if capacity is not None:
             body["capacity"] = capacity
         if self.load_error:
-            body["error"] = self.load_error
+            body["error"] = MODEL_FAILED_DESCRIPTION  # the exception, which may name paths, is logged
+        body["auth_required"] = self.auth.enabled
         status = 200 if body["ready"] else 503
-        # Pages on other origins (a dashboard, the browser client hosted elsewhere) may read it.
-        return web.json_response(body, status=status, headers={"Access-Control-Allow-Origin": "*"})
+        # Pages on other origins (a dashboard, the browser client hosted elsewhere) may read it when
+        # --allowed-origins lets them (every origin while no key is configured).
+        cors = self.auth.cors_headers(request.headers.get("Origin"), request.headers.get("Host"))
+        return web.json_response(body, status=status, headers=cors)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         if self.batcher is not None:
@@ -488,6 +572,94 @@ class Server:
             raise web.HTTPNotFound()
         return web.FileResponse(static / name, headers={"Cache-Control": "no-cache"})
 
+    # ------------------------------------------------------------------------------------------
+    # Authentication (README, "Authentication"; the checks themselves are in auth.py)
+
+    def _refuse(
+        self, request: web.Request, exc: AuthError, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        """Answer an :class:`AuthError`: its status and code, ``WWW-Authenticate`` on a 401; counted and
+        logged by code (never with the credential)."""
+        self.metrics.auth_failures.labels(exc.reason).inc()
+        logger.info(
+            "refused %s %s: %s: %s", request.remote, request.path, exc.code, header_safe(exc.description)
+        )
+        extra = dict(headers or {})
+        if exc.status == 401:
+            extra["WWW-Authenticate"] = WWW_AUTHENTICATE
+        return _json_error(exc.status, exc.code, exc.description, **extra)
+
+    def _authenticate(self, request: web.Request) -> Principal | web.Response:
+        """Who a stream handshake is: the page's origin, then the key or token.
+
+        Keeps the principal as ``request[PRINCIPAL_KEY]`` (absent on a server without keys, where
+        everyone is ``anonymous``), and the subprotocol the handshake selects as
+        ``request[WS_PROTOCOLS_KEY]``.
+
+        Returns:
+            The principal, or the refusal to send (401 or 403).
+        """
+        headers = request.headers
+        try:
+            self.auth.check_origin(headers.get("Origin"), headers.get("Host"))
+            principal, subprotocol = self.auth.authenticate(
+                headers.get("Authorization"),
+                headers.get("Sec-WebSocket-Protocol"),
+                query_credentials=any(name in request.query for name in AUTH_PARAMS),
+            )
+        except AuthError as exc:
+            self.metrics.sessions_rejected.labels("origin" if exc.status == 403 else "unauthorized").inc()
+            return self._refuse(request, exc)
+        request[WS_PROTOCOLS_KEY] = (subprotocol,) if subprotocol else ()
+        if principal.method != "none":
+            request[PRINCIPAL_KEY] = principal
+            self.metrics.auth_accepted.labels(principal.name, principal.method).inc()
+        return principal
+
+    async def _grant(self, request: web.Request) -> web.Response:
+        """``POST /v1/auth/grant``: a short-lived token for an API key, in Deepgram's shape
+        (``{"access_token": ..., "expires_in": 30}``; the body may ask ``{"ttl_seconds": N}``), for
+        pages that must never hold the key itself."""
+        origin, host = request.headers.get("Origin"), request.headers.get("Host")
+        cors = self.auth.cors_headers(origin, host)
+        if not self.auth.enabled:
+            return _json_error(
+                404,
+                "AUTH_NOT_CONFIGURED",
+                "This server has no API keys, so it grants no tokens: connect to /v1/listen without "
+                "credentials.",
+                **cors,
+            )
+        try:
+            self.auth.check_origin(origin, host)
+            principal = self.auth.authenticate_key(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return self._refuse(request, exc, cors)
+        try:
+            body = await asyncio.wait_for(_read_body(request), GRANT_BODY_TIMEOUT_S)
+            ttl_s = parse_grant_body(body)
+        except BadRequest as exc:
+            return _json_error(400, exc.code, exc.description, **cors)
+        except asyncio.TimeoutError:
+            return _json_error(408, "REQUEST_TIMEOUT", "The request body did not arrive in time.", **cors)
+        token = self.auth.issue(principal, ttl_s)
+        self.metrics.auth_grants.labels(principal.name).inc()
+        logger.info("granted a %d s token to key=%s (%s)", ttl_s, principal.name, request.remote)
+        return web.json_response(
+            {"access_token": token, "expires_in": ttl_s}, headers={**cors, "Cache-Control": "no-store"}
+        )
+
+    async def _grant_preflight(self, request: web.Request) -> web.Response:
+        """CORS preflight of a grant from a browser page: allowed origins may send ``Authorization``."""
+        origin, host = request.headers.get("Origin"), request.headers.get("Host")
+        cors = self.auth.cors_headers(origin, host, preflight=True)
+        if "Access-Control-Allow-Origin" not in cors:
+            try:
+                self.auth.check_origin(origin, host)
+            except AuthError as exc:
+                return self._refuse(request, exc, cors)
+        return web.Response(status=204, headers=cors)
+
     async def _listen(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
             self.metrics.sessions_rejected.labels("draining").inc()
@@ -497,11 +669,15 @@ class Server:
         if self.state != READY or self.engine is None or self.batcher is None:
             self.metrics.sessions_rejected.labels("not_ready").inc()
             if self.state == FAILED:
-                return _json_error(503, "MODEL_FAILED", f"The model could not be loaded: {self.load_error}")
+                return _json_error(503, "MODEL_FAILED", MODEL_FAILED_DESCRIPTION)
             return _json_error(
                 503, "MODEL_LOADING", "The model is still loading; retry shortly.", **{"Retry-After": "5"}
             )
+        authenticated = self._authenticate(request)  # also kept as request[PRINCIPAL_KEY]
+        if isinstance(authenticated, web.Response):
+            return authenticated
         ws = web.WebSocketResponse(
+            protocols=request[WS_PROTOCOLS_KEY],  # the "token" or "bearer" subprotocol offered (auth.py)
             max_msg_size=max(
                 2 * self.config.limits.max_frame_bytes, self.config.limits.max_frame_bytes + 65536
             ),
@@ -557,7 +733,10 @@ class Server:
         self.metrics.sessions_active.set(len(self.connections))
         try:
             await ws.prepare(request)
-            logger.info("stream %s opened from %s: %s", request_id, request.remote, options)
+            key_name = getattr(request.get(PRINCIPAL_KEY), "name", "-")
+            logger.info(
+                "stream %s opened from %s (key %s): %s", request_id, request.remote, key_name, options
+            )
             await conn.run()
         finally:
             self.connections.discard(conn)
@@ -571,7 +750,7 @@ class Server:
         info = self.engine.info
         warnings: tuple[str, ...] = ()
         if info.fallback_reason:
-            warnings = (f"Fallback model {info.name} is running: {info.fallback_reason}",)
+            warnings = (f"Fallback model {info.name} is running: {public_fallback_reason(info)}",)
         identity = SessionIdentity(
             request_id=request_id,
             created=_now_iso(),

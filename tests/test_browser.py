@@ -3,7 +3,8 @@
 Chromium's fake microphone plays espeak-ng speech into the page, the page streams it to a server running
 the real faster-whisper tiny.en model, and the test checks the spoken words come back as captions and in
 the downloaded SRT, with sane, increasing times. Also: the page streaming a chosen audio file; a server
-that is down; a server that ends the stream with a fatal error; a refused microphone.
+that is down; a server that ends the stream with a fatal error; a refused microphone; a server with an
+API key, which the page reaches with a grant token.
 
 Each scenario is one run of ``client_js/test/e2e/run.mjs`` (playwright-core driving Debian's
 ``/usr/bin/chromium``), which prints what the page showed as JSON; the assertions are here.
@@ -19,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from stream_server.config import BatchConfig, Config, EngineConfig, LimitsConfig
+from stream_server.config import AuthConfig, BatchConfig, Config, EngineConfig, LimitsConfig
 from stream_server.engines.base import Engine
 
 from .conftest import scaled, skip_unless
@@ -41,6 +43,8 @@ NODE = shutil.which("node")
 MORNING = "Good morning everyone."
 NOTEBOOKS = "Please remember to bring your notebooks to the meeting on Friday afternoon."
 EXPECTED_WORDS = ["morning", "everyone", "notebooks", "meeting", "friday"]
+BROWSER_KEY = "browser-test-key-0123456789abcdef"
+"""The API key of the server with authentication (held by run.mjs as the operator's backend)."""
 """Words tiny.en gets right in this espeak speech at 100 words per minute (see test_engine_whisper)."""
 
 
@@ -81,6 +85,8 @@ class Servers:
     """http:// of a server (fake engine) that ends every stream after 2 s of audio (SESSION_TOO_LONG)."""
     down: str
     """ws:// of a port on 127.0.0.1 where nothing listens."""
+    auth_base: str
+    """http:// of a server (fake engine) that requires an API key (``captions:BROWSER_KEY``)."""
 
 
 def _free_port() -> int:
@@ -108,13 +114,16 @@ def servers() -> Iterator[Servers]:
     async def serve() -> None:
         real_config = Config(batch=BatchConfig(max_batch_size=4))
         error_config = Config(limits=replace(LimitsConfig(), max_session_s=2.0))
+        auth_config = Config(auth=AuthConfig(api_keys=(f"captions:{BROWSER_KEY}",)))
         try:
             async with (
                 running_server(engine, real_config) as (_, real_url),
                 running_server(FakeEngine(), error_config) as (_, error_url),
+                running_server(FakeEngine(), auth_config) as (_, auth_url),
             ):
                 found["base"] = real_url.replace("ws://", "http://")
                 found["error_base"] = error_url.replace("ws://", "http://")
+                found["auth_base"] = auth_url.replace("ws://", "http://")
                 ready.set()
                 await stop.wait()
         except BaseException as exc:  # reported to the test thread
@@ -131,7 +140,9 @@ def servers() -> Iterator[Servers]:
     if failure:
         raise failure[0]
     try:
-        yield Servers(found["base"], found["error_base"], f"ws://127.0.0.1:{_free_port()}")
+        yield Servers(
+            found["base"], found["error_base"], f"ws://127.0.0.1:{_free_port()}", found["auth_base"]
+        )
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(scaled(30))
@@ -341,3 +352,20 @@ def test_refused_microphone_gives_a_clear_message(servers: Servers, speech_wav: 
     assert "Microphone access was refused" in message
     assert "audio file" in message
     assert result["last"]["state"] == "Failed"
+
+
+def test_page_connects_with_a_grant_token_over_the_bearer_subprotocol(
+    servers: Servers, speech_wav: Path
+) -> None:
+    """On a server with an API key, the page without a token source says it needs one; given
+    ?token_url= (an endpoint that holds the key, as an operator's backend would) it fetches a grant token
+    before connecting and streams with the bearer subprotocol, the key never reaching the page."""
+    result = run_scenario("auth", base=servers.auth_base, wav=str(speech_wav), key=BROWSER_KEY)
+    assert "requires a token" in result["bare_message"] and "token_url" in result["bare_message"]
+    assert result["protocol"] == "bearer", "the server selected the bearer subprotocol the page offered"
+    assert result["grants"] >= 1 and result["key_in_page"] is False
+    assert result["last"]["transcript"], "the stream was transcribed"
+    with urllib.request.urlopen(f"{servers.auth_base}/metrics", timeout=scaled(10)) as response:
+        metrics = response.read().decode()
+    assert 'stream_auth_accepted_total{key="captions",method="token"}' in metrics
+    assert 'method="key"' not in metrics, "the page never used the key itself"

@@ -7,7 +7,9 @@
 // Scenarios: captions (fake microphone plays `wav`), file (the page streams `wav` as a chosen file),
 // reconnect (the connection is cut while a sentence is spoken; `cut_when` lists interim words to wait for),
 // server-down (`down` is a ws:// address nobody listens on), server-error (`base` is a server that
-// ends streams with a fatal error), mic-denied (the permission prompt is refused).
+// ends streams with a fatal error), mic-denied (the permission prompt is refused), auth (`base` is a
+// server with the API key `key`: the page is given ?token_url= and this script plays the operator's
+// backend, which alone holds the key and asks POST /v1/auth/grant for each token).
 //
 // Prints one JSON object on stdout: what the page showed (states, captions, transcript, messages,
 // downloads, console errors); exit status 0 when the scenario ran to its end, 1 when a wait timed out
@@ -190,6 +192,32 @@ const scenarios = {
     const page = await openPage(browser.context, `${args.base}/`);
     await page.click('#start');
     await watch(page, (s) => s.stateKey === 'failed' && s.message, scaled(20000), 'the failed state with a message');
+  },
+
+  async auth() {
+    browser = await launch({ wav: args.wav, allowMicrophone: true });
+    // Without a token source the page says what it needs.
+    const bare = await openPage(browser.context, `${args.base}/`);
+    out.bare_message = (await watch(bare, (s) => s.message.includes('requires a token'), scaled(10000), 'the token-required message')).message;
+    await bare.close();
+    // With one: the token endpoint is answered here, where the key is, never in the page.
+    out.grants = 0;
+    const page = await openPage(browser.context, `${args.base}/?token_url=/operator/captions-token`, (p) =>
+      p.route((url) => url.pathname === '/operator/captions-token', async (route) => {
+        const response = await fetch(`${args.base}/v1/auth/grant`, { method: 'POST', headers: { Authorization: `Token ${args.key}` } });
+        out.grants += 1;
+        await route.fulfill({ status: response.status, contentType: 'application/json', body: await response.text() });
+      }),
+    );
+    await watch(page, (s) => s.model.startsWith('Model'), scaled(10000), 'the /health model info');
+    await page.check('#source-mic');
+    await page.click('#start');
+    await watch(page, (s) => s.stateKey === 'open', scaled(15000), 'the Live state');
+    out.protocol = await page.evaluate(() => window.captionsApp.transcriber?._conn?.ws?.protocol ?? null);
+    out.key_in_page = await page.evaluate((key) => document.documentElement.outerHTML.includes(key) || location.href.includes(key), args.key);
+    await watch(page, (s) => s.transcript.length >= 1, scaled(30000), 'a first final');
+    await page.click('#stop');
+    await watch(page, (s) => s.stateKey === 'closed', scaled(15000), 'the Stopped state after Stop');
   },
 
   async 'mic-denied'() {

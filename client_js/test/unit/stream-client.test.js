@@ -22,8 +22,9 @@ async function until(predicate, ms = 2000, what = 'condition') {
 function fakeSocketClass() {
   class FakeSocket {
     static instances = [];
-    constructor(url) {
+    constructor(url, protocols) {
       this.url = url;
+      this.protocols = protocols;
       this.readyState = 0;
       this.sent = [];
       FakeSocket.instances.push(this);
@@ -134,7 +135,7 @@ describe('LiveTranscriber', () => {
     assert.equal(healthUrlFor('wss://h.example/room/v1/listen?a=1'), 'https://h.example/room/health');
   });
 
-  it('opens /v1/listen with the linear16 16 kHz query, the params and the token, then streams frames', async () => {
+  it('opens /v1/listen with the linear16 16 kHz query and the params, the token as the bearer subprotocol, then streams frames', async () => {
     const { t, Socket, source } = setup({ params: { language: 'en', utterance_end_ms: 1000 }, getToken: async () => 'secret' });
     await t.start(source);
     source.push(2); // captured before the socket opens: sent once it does
@@ -149,7 +150,8 @@ describe('LiveTranscriber', () => {
     assert.equal(query.get('punctuate'), 'true');
     assert.equal(query.get('language'), 'en');
     assert.equal(query.get('utterance_end_ms'), '1000');
-    assert.equal(query.get('token'), 'secret');
+    assert.equal(query.get('token'), null, 'never in the URL: URLs end up in logs');
+    assert.deepEqual(ws.protocols, ['bearer', 'secret']);
     ws.open();
     source.push(1);
     assert.deepEqual(
@@ -161,6 +163,61 @@ describe('LiveTranscriber', () => {
       ],
     );
     assert.equal(t.state, 'open');
+    await t.stop();
+  });
+
+  it('asks getToken before every connection attempt, so each reconnect carries a fresh token', async () => {
+    let calls = 0;
+    const { t, Socket, source } = setup({ getToken: async () => ({ access_token: `token-${++calls}` }) });
+    await t.start(source);
+    await until(() => Socket.instances.length === 1);
+    Socket.instances[0].open();
+    Socket.instances[0].serverClose(1011, 'boom');
+    await until(() => Socket.instances.length === 2, 2000, 'the reconnect');
+    assert.deepEqual(
+      Socket.instances.map((ws) => ws.protocols),
+      [
+        ['bearer', 'token-1'],
+        ['bearer', 'token-2'],
+      ],
+    );
+    Socket.instances[1].open();
+    await t.stop();
+  });
+
+  it('sends an API key with authScheme token, and no subprotocol without a token', async () => {
+    const keyed = setup({ token: 'k3y', authScheme: 'token' });
+    await keyed.t.start(keyed.source);
+    await until(() => keyed.Socket.instances.length === 1);
+    assert.deepEqual(keyed.Socket.instances[0].protocols, ['token', 'k3y']);
+    keyed.Socket.instances[0].open();
+    await keyed.t.stop();
+    const open = setup();
+    await open.t.start(open.source);
+    await until(() => open.Socket.instances.length === 1);
+    assert.equal(open.Socket.instances[0].protocols, undefined);
+    open.Socket.instances[0].open();
+    await open.t.stop();
+    assert.throws(() => new LiveTranscriber({ url: URL_, authScheme: 'basic' }), RangeError);
+  });
+
+  it('retries when getToken fails, and says why', async () => {
+    let calls = 0;
+    const { t, Socket, source, of } = setup({
+      getToken: async () => {
+        calls += 1;
+        if (calls === 1) throw new Error('the token endpoint answered HTTP 502');
+        return 'fresh';
+      },
+    });
+    await t.start(source);
+    await until(() => Socket.instances.length === 1, 2000, 'the second attempt');
+    assert.deepEqual(Socket.instances[0].protocols, ['bearer', 'fresh']);
+    const [error] = of('error');
+    assert.equal(error.code, 'AUTH_FAILED');
+    assert.match(error.message, /Could not get a token for the connection: the token endpoint answered HTTP 502/);
+    assert.equal(error.willRetry, true);
+    Socket.instances[0].open();
     await t.stop();
   });
 
