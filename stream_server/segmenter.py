@@ -238,7 +238,8 @@ class Segmenter:
             return events
 
         if self.position_sample - self._segment_start >= s.max_segment_samples:
-            cut = self._choose_cut()
+            # The latest frame's middle can lie past the limit (a continuation starts mid-frame).
+            cut = self._choose_cut(highest=self._segment_start + s.max_segment_samples)
             events.append(self._close(cut, EndReason.MAX_LENGTH))
             events.append(self._continue_from(cut))
         return events

@@ -191,3 +191,18 @@ def test_cut_in_a_pause_without_post_roll_leaves_no_empty_segment(ending: str) -
         events.extend(seg.finalize(seg.position_sample, EndReason.FINALIZE))
     ended = [e for e in events if isinstance(e, SegmentEnded)]
     assert len(ended) == 2 and all(e.end_sample > e.start_sample for e in ended), ended
+
+
+def test_forced_cut_keeps_a_continuation_within_the_maximum() -> None:
+    """A continuation starts mid-frame; when it reaches the limit (not a whole number of frames), its cut
+    still leaves it no longer than max_segment_samples (found by the fuzz test: 32160 > 32000)."""
+    settings = SegmenterSettings(frame_samples=F, max_segment_samples=32000, cut_search_frames=40)
+    seg = Segmenter(settings)
+    events: list[object] = []
+    for i in range(300):  # one dip at frame 33 for the first cut; then flat speech (the latest frame wins)
+        events.extend(seg.push(True, -60.0 if i == 33 else -10.0))
+    ended = [e for e in events if isinstance(e, SegmentEnded)]
+    assert len(ended) >= 3 and ended[0].end_sample % F == F // 2, "the continuation starts mid-frame"
+    assert all(e.end_sample - e.start_sample <= 32000 for e in ended), [
+        (e.start_sample, e.end_sample) for e in ended
+    ]
