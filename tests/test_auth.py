@@ -401,6 +401,28 @@ def test_cli_stops_on_a_bad_keys_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"api_keys_file {keys_file} line 2: a key must be" in err and KEY not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "warned"),
+    [
+        (["--host", "0.0.0.0"], True),
+        (["--host", "127.0.0.1"], False),
+        (["--host", "0.0.0.0", "--api-key", KEY], False),
+    ],
+)
+def test_cli_warns_when_an_open_server_listens_beyond_loopback(
+    args: list[str], warned: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Listening on a non-loopback address without keys logs a WARNING at start; with keys it logs
+    their names only."""
+    from aiohttp import web
+
+    monkeypatch.setattr(web, "run_app", lambda *a, **k: None)  # start-up up to listening, no model
+    with caplog.at_level(logging.INFO, logger="stream_server"):
+        assert main([*args, "--port", "0", "--malloc-mmap-threshold-kb", "0"]) == 0
+    assert ("NO API KEYS" in caplog.text) is warned
+    assert "authentication: " in caplog.text and KEY not in caplog.text
+
+
 # --------------------------------------------------------------------------------------------------
 # A real server
 
