@@ -219,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print=None,
         access_log=None,
         shutdown_timeout=config.server.drain_timeout_s + 5,
+        # A connection that has not sent a whole request this long after it opened (or after its
+        # last response) is closed: the handshake timeout against slowloris.
+        keepalive_timeout=config.limits.handshake_timeout_s,
     )
     if failed:
         logging.getLogger("stream_server").error("exiting: the model could not be loaded: %s", failed[0])

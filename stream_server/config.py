@@ -14,6 +14,7 @@ from typing import Literal
 
 from .auth import parse_allowed_origins, parse_key_entry
 from .errors import ConfigError
+from .limits import parse_networks
 
 Dtype = Literal["auto", "fp32", "fp16", "int8"]
 Backend = Literal["auto", "onnx", "torch"]
@@ -320,6 +321,22 @@ class LimitsConfig:
             read all the time, so pings are answered; beyond it the server stops reading (TCP
             back-pressure). 0 turns the spool off.
         spool_dir: where those files go; empty means the system's temporary directory.
+        max_sessions_per_ip: streams one client address may hold at once (HTTP 429 beyond it); 0 for
+            no limit. Behind a proxy the address is taken from X-Forwarded-For only when the proxy is
+            one of trusted_proxies.
+        max_sessions_per_key: streams one API key (with the tokens granted from it) may hold at once,
+            for keys that set no max_sessions of their own; 0 for no limit.
+        trusted_proxies: comma-separated addresses or CIDR blocks of load balancers whose
+            X-Forwarded-For header is believed; empty trusts none.
+        no_audio_timeout_s: close a stream that has sent no audio this long after opening (KeepAlive
+            alone does not hold it, as in Deepgram's API).
+        handshake_timeout_s: close a connection whose HTTP request (headers and, for grants, body) has
+            not fully arrived this long after it opened (slowloris); also how long an idle HTTP
+            keep-alive connection stays open.
+        write_timeout_s: close a stream whose client has not taken a message for this long (it stopped
+            reading); its seat and everything it holds are freed.
+        max_outgoing_events: close a stream with this many messages waiting to be sent to a client
+            that reads too slowly.
     """
 
     max_sessions: int = 64
@@ -336,6 +353,13 @@ class LimitsConfig:
     typical_segment_ms: int = 3000
     max_spool_mb: int = 1024
     spool_dir: str = ""
+    max_sessions_per_ip: int = 0
+    max_sessions_per_key: int = 0
+    trusted_proxies: str = ""
+    no_audio_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    write_timeout_s: float = 10.0
+    max_outgoing_events: int = 1000
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_sessions <= 100000, "max_sessions", "must be 1..100000")
@@ -354,6 +378,13 @@ class LimitsConfig:
         _check(0 < self.typical_speech_ratio <= 1, "typical_speech_ratio", "must be in (0, 1]")
         _check(100 <= self.typical_segment_ms <= 60000, "typical_segment_ms", "must be 100..60000")
         _check(0 <= self.max_spool_mb <= 1 << 20, "max_spool_mb", "must be 0 (off) .. 1048576")
+        _check(0 <= self.max_sessions_per_ip <= 100000, "max_sessions_per_ip", "must be 0 (off) .. 100000")
+        _check(0 <= self.max_sessions_per_key <= 100000, "max_sessions_per_key", "must be 0 (off) .. 100000")
+        parse_networks(self.trusted_proxies)  # raises ConfigError naming the entry
+        _check(0.1 <= self.no_audio_timeout_s <= 3600, "no_audio_timeout_s", "must be 0.1..3600")
+        _check(0.1 <= self.handshake_timeout_s <= 600, "handshake_timeout_s", "must be 0.1..600")
+        _check(0.1 <= self.write_timeout_s <= 600, "write_timeout_s", "must be 0.1..600")
+        _check(16 <= self.max_outgoing_events <= 1000000, "max_outgoing_events", "must be 16..1000000")
 
 
 @dataclass(frozen=True)

@@ -375,26 +375,13 @@ class Session:
             self._close_stream(CloseRequest(CloseCode.NORMAL, "CloseStream"), metadata=True)
             return
         if len(data) > self.settings.max_frame_bytes:
-            self._fatal(
-                ProtocolViolation(
-                    "FRAME_TOO_LARGE",
-                    f"An audio frame of {len(data)} bytes exceeds this server's limit of "
-                    f"{self.settings.max_frame_bytes} bytes; send audio in smaller frames (20-250 ms each).",
-                    CloseCode.MESSAGE_TOO_BIG,
-                )
-            )
+            self.receive_frame_too_large(len(data))
             return
         samples = self._decoder.decode(data)
         self._ingest(samples)
         limit = self.settings.max_session_s
         if limit and self._decoder.input_duration_s > limit:
-            self._fatal(
-                ProtocolViolation(
-                    "SESSION_TOO_LONG",
-                    f"This server limits a stream to {limit:g} s of audio; open a new stream to continue.",
-                    CloseCode.POLICY_VIOLATION,
-                )
-            )
+            self.receive_session_too_long()
 
     @_guarded
     def receive_text(self, text: str) -> None:
@@ -483,6 +470,50 @@ class Session:
                 CloseCode.POLICY_VIOLATION,
             )
         )
+
+    @_guarded
+    def receive_no_audio_timeout(self) -> None:
+        """The stream has sent no audio since it opened, for the no-audio timeout (KeepAlive alone does
+        not hold a stream that never sent audio, as in Deepgram's API)."""
+        self._fatal(
+            ProtocolViolation(
+                "NO_AUDIO",
+                "No audio arrived since the stream opened; send audio within a few seconds of "
+                "connecting (KeepAlive alone does not hold a stream that has sent none).",
+                CloseCode.POLICY_VIOLATION,
+            )
+        )
+
+    @_guarded
+    def receive_frame_too_large(self, nbytes: int | None = None) -> None:
+        """A message over ``max_frame_bytes`` arrived (the transport calls this itself for one it
+        refused to read at all; ``nbytes`` None when its size is not known)."""
+        size = "A message" if nbytes is None else f"A message of {nbytes} bytes"
+        self._fatal(
+            ProtocolViolation(
+                "FRAME_TOO_LARGE",
+                f"{size} exceeds this server's limit of {self.settings.max_frame_bytes} bytes; send "
+                "audio in smaller frames (20-250 ms each).",
+                CloseCode.MESSAGE_TOO_BIG,
+            )
+        )
+
+    @_guarded
+    def receive_session_too_long(self) -> None:
+        """The stream reached ``max_session_s``, in audio or on the wall clock."""
+        self._fatal(
+            ProtocolViolation(
+                "SESSION_TOO_LONG",
+                f"This server limits a stream to {self.settings.max_session_s:g} s; open a new stream "
+                "to continue.",
+                CloseCode.POLICY_VIOLATION,
+            )
+        )
+
+    @property
+    def events_waiting(self) -> int:
+        """Events held for the client, ready or not (the transport closes a client too slow to read)."""
+        return len(self._slots) + len(self._immediate)
 
     @_guarded
     def receive_shutdown(self) -> None:

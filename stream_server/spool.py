@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 BINARY = 1
 TEXT = 2
+OVERSIZED = 3
+"""A message the socket refused to read (over ``max_frame_bytes``): its place in the stream's order."""
 _HEADER = struct.Struct(">BI")
 
 

@@ -128,3 +128,22 @@ def test_peers_script_runs_our_side(tmp_path: Path) -> None:
     match = re.search(r"^ours\s+1\s+3\s+3/3\s+3\s+([\d.]+)", out, re.MULTILINE)
     assert match, out
     assert 0.05 < float(match.group(1)) < scaled(5), out
+
+
+def test_hostile_script_attacks_and_checks_the_baseline() -> None:
+    """hostile.py runs honest sessions alone and under every kind of hostile client, reports what the
+    server did to each kind, and compares fds and tasks with the baseline afterwards."""
+    out = run_script("hostile.py", "--model", "tiny.en", timeout_s=240)
+    assert re.search(r"^\s+alone: 1 honest", out, re.MULTILINE) and re.search(r"attacked: 1 honest", out), out
+    for kind in ("keepalive", "non_reader", "slowloris", "garbage", "oversized", "finalize_spam", "churn"):
+        assert re.search(rf"^\s+{kind}:\s+\d+ tries", out, re.MULTILINE), out
+    assert "back to baseline" in out, out
+
+
+def test_socket_fuzzer_finds_no_crash_and_no_undocumented_answer() -> None:
+    """fuzz_socket.py's smoke run: random frames against the real transport, every answer documented
+    and nothing logged as an unhandled error."""
+    out = run_script("fuzz_socket.py")
+    assert "OK: 0 crashes and every response documented" in out, out
+    sent = re.search(r"^(\d+) frames in (\d+) connections", out, re.MULTILINE)
+    assert sent and int(sent.group(1)) >= 5000 and int(sent.group(2)) > 4, out
