@@ -262,10 +262,12 @@ class KeyRing:
         return found
 
     def by_name(self, name: str) -> ApiKey | None:
+        """The key called ``name`` (the one a token names), or None."""
         return self._by_name.get(name)
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Every key's name, in configuration order."""
         return tuple(k.name for k in self.keys)
 
 
@@ -495,6 +497,11 @@ class OriginPolicy:
 
     @classmethod
     def from_setting(cls, allowed_origins: str, keys_configured: bool) -> OriginPolicy:
+        """The policy of ``--allowed-origins``; empty means any origin only when no key is configured.
+
+        Raises:
+            ConfigError: an entry is not an origin.
+        """
         origins = parse_allowed_origins(allowed_origins)
         any_origin = "*" in origins or (not origins and not keys_configured)
         return cls(frozenset(o for o in origins if o != "*"), any_origin)
@@ -512,6 +519,7 @@ class OriginPolicy:
             return False
 
     def describe(self) -> str:
+        """Which pages pass, for the start-up log."""
         if self.any_origin:
             return "any origin"
         listed = ", ".join(sorted(self.origins))

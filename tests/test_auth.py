@@ -395,7 +395,7 @@ def test_cli_stops_on_a_bad_keys_file(tmp_path: Path, capsys: pytest.CaptureFixt
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"{KEY}\nnot-a-key\n")
     with pytest.raises(SystemExit) as info:
-        main(["--api-keys-file", str(keys_file), "--port", "0"])
+        main(["--api-keys-file", str(keys_file), "--port", "0", "--malloc-mmap-threshold-kb", "0"])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"api_keys_file {keys_file} line 2: a key must be" in err and KEY not in err
