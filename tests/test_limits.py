@@ -9,13 +9,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
+import aiohttp
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from stream_server.config import Config, LimitsConfig
+from stream_server.config import AuthConfig, Config, LimitsConfig
 from stream_server.engines.base import TranscribeRequest, Transcript
 from stream_server.errors import ConfigError
 from stream_server.limits import FairShare, client_address, parse_networks
@@ -318,3 +319,37 @@ async def test_a_client_that_vanishes_gives_its_seat_back_before_its_finals_woul
         async with connect(f"{url}/v1/listen") as again:
             await again.send('{"type": "CloseStream"}')
             assert (await collect(again, 20)).close_code == 1000
+
+
+async def test_per_key_limit_counts_the_keys_tokens_and_the_keys_own_limit() -> None:
+    """A key with max_sessions=1 may hold one stream, a grant token of it counts against it, and
+    another key is not affected; --max-sessions-per-key applies to keys without a limit of their own."""
+    key_a, key_b = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
+    config = replace(
+        limits_config(max_sessions_per_key=2),
+        auth=AuthConfig(api_keys=(f"alpha:{key_a} max_sessions=1", f"beta:{key_b}")),
+    )
+    async with running_server(FakeEngine(), config) as (server, url):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                url.replace("ws://", "http://") + "/v1/auth/grant",
+                headers={"Authorization": f"Token {key_a}"},
+            ) as response:
+                assert response.status == 200
+                token = (await response.json())["access_token"]
+        a = {"Authorization": f"Token {key_a}"}
+        b = {"Authorization": f"Token {key_b}"}
+        async with connect(f"{url}/v1/listen", additional_headers=a):
+            for refused in (a, {"Authorization": f"Bearer {token}"}):
+                with pytest.raises(InvalidStatus) as info:
+                    async with connect(f"{url}/v1/listen", additional_headers=refused):
+                        pass
+                assert info.value.response.status_code == 429
+                assert json.loads(info.value.response.body or b"{}")["code"] == "TOO_MANY_SESSIONS"
+            async with connect(f"{url}/v1/listen", additional_headers=b):
+                async with connect(f"{url}/v1/listen", additional_headers=b):
+                    with pytest.raises(InvalidStatus) as info:
+                        async with connect(f"{url}/v1/listen", additional_headers=b):
+                            pass
+                    assert info.value.response.status_code == 429
+        assert metric(server, "stream_sessions_rejected_total", [("reason", "per_key")]) == 3
