@@ -504,8 +504,8 @@ class Session:
         self._fatal(
             ProtocolViolation(
                 "SESSION_TOO_LONG",
-                f"This server limits a stream to {self.settings.max_session_s:g} s; open a new stream "
-                "to continue.",
+                f"This server limits a stream to {self.settings.max_session_s:g} s of audio or of "
+                "connection time; open a new stream to continue.",
                 CloseCode.POLICY_VIOLATION,
             )
         )
