@@ -6,6 +6,8 @@
     ├── ConfigError            a setting is invalid (start-up; names the field)
     ├── EngineError            the model could not be loaded or failed on a batch
     │   ├── ModelDownloadError a hub could not deliver the model (``--model auto`` then falls back)
+    │   ├── EngineTimeout      a model call ran past ``engine_call_timeout_s``; its requests fail
+    │   ├── BatcherFailed      a batching worker failed outside the model (a bug, logged)
     │   └── BatcherClosed      the server is shutting down; no more requests are taken
     ├── InterimSkipped         an interim request was dropped because the model is busy
     └── ClientError            something a client sent; carries a stable code and a close code
@@ -51,6 +53,16 @@ class EngineError(StreamServerError):
 
 class ModelDownloadError(EngineError):
     """A model could not be fetched from its hub (network down, unknown id...)."""
+
+
+class EngineTimeout(EngineError):
+    """A model call ran longer than ``engine_call_timeout_s``: its requests fail with this while the call
+    (a thread, which cannot be stopped unless the engine can abort) goes on to its end."""
+
+
+class BatcherFailed(EngineError):
+    """A batching worker failed outside the model call (a bug, logged with its traceback): the requests
+    it held fail with this. After repeated failures the batcher stops and every request fails."""
 
 
 class BatcherClosed(EngineError):

@@ -151,7 +151,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.batch_failures = Counter("stream_batch_failures_total", "Model calls that raised", registry=r)
+        self.batch_failures = Counter(
+            "stream_batch_failures_total", "Model calls that raised or timed out", registry=r
+        )
+        self.engine_timeouts = Counter(
+            "stream_engine_timeouts_total",
+            "Model calls that ran past engine_call_timeout_s (their segments failed; the worker was held "
+            "until the call returned)",
+            registry=r,
+        )
         self.aborted_calls = Counter(
             "stream_engine_aborted_calls_total",
             "Model calls stopped while running because no one wanted their answers any more (a "
@@ -224,6 +232,8 @@ class Metrics:
             self.batch_failures.inc()
         if report.aborted:
             self.aborted_calls.inc()
+        if report.timed_out:
+            self.engine_timeouts.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -537,6 +537,10 @@ class Server:
             body["model"] = self.engine_details(self.engine.info)
         if self.batcher is not None:
             body["queue_depth"] = self.batcher.queue_depth
+            health = self.batcher.health  # degraded: still serving (200); failed: 503; the reason is logged
+            if health.status != "ok" and body["ready"]:
+                logger.info("health %s: %s", health.status, health.reason)
+                body["status"], body["ready"] = health.status, health.status == "degraded"
         capacity = self.capacity_state()
         if capacity is not None:
             body["capacity"] = capacity

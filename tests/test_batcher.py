@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import aiohttp
 import numpy as np
 import pytest
 
-from stream_server.batcher import Batcher, BatchReport
-from stream_server.config import BatchConfig
+from stream_server.__main__ import build_parser, config_from_args
+from stream_server.batcher import HEALTH_WINDOW_S, MAX_RESTARTS, Batcher, BatchReport
+from stream_server.compat import timeout
+from stream_server.config import BatchConfig, Config
 from stream_server.engines.base import CallAborted, TranscribeRequest, Transcript
-from stream_server.errors import BatcherClosed
+from stream_server.errors import BatcherClosed, BatcherFailed, ConfigError, EngineTimeout
 
+from .conftest import scaled
 from .fakes import FakeEngine
+from .serving import running_server
 
 
 def req(seconds: float, *, language: str = "auto", marker: float = 0.1) -> TranscribeRequest:
@@ -408,3 +414,258 @@ async def test_a_call_someone_still_waits_for_is_not_aborted() -> None:
     engine.stop.set()
     assert (await asyncio.wait_for(wanted, 5)).text == "clip 2.00"
     await batcher.stop()
+
+
+# -- Stopping, supervision, call timeouts, health (issue 8) -------------------------------------------
+
+
+class GatedEngine(FakeEngine):
+    """Each call waits until ``gate`` opens (a model stuck on a call); ``entered`` is set once it is in.
+
+    The wait is bounded (``scaled(10)`` s) so that a test of a defect fails instead of hanging.
+    """
+
+    def __init__(self, *, workers: int = 1) -> None:
+        super().__init__()
+        self._info = replace(self._info, max_concurrent_calls=workers)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.returned = threading.Event()
+
+    def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
+        self.entered.set()
+        try:
+            self.gate.wait(scaled(10))
+            return super().transcribe(requests)
+        finally:
+            self.returned.set()
+
+
+class PoisonRequest(TranscribeRequest):
+    """A request that breaks batch assembly (a bug outside the engine call), as a stand-in for any."""
+
+    @property
+    def batch_key(self) -> tuple[str, bool]:
+        raise RuntimeError("batch assembly bug")
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def in_thread(event: threading.Event) -> bool:
+    """Wait for a threading.Event off the loop (bounded)."""
+    return await asyncio.get_running_loop().run_in_executor(None, event.wait, scaled(5))
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Yield to the loop until ``predicate`` holds (bounded: the test fails rather than hangs)."""
+    async with timeout(scaled(5)):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+async def test_stop_wakes_finals_waiting_for_room_with_batcher_closed() -> None:
+    """A final waiting for room in a full queue gets BatcherClosed when the batcher stops, even while the
+    worker is waiting for company rather than in a call."""
+    batcher = Batcher(FakeEngine(), BatchConfig(max_batch_size=2, max_wait_ms=1000, max_queue=2))
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit_final(req(0.1)))  # the worker waits for a second final
+    bulk = asyncio.ensure_future(batcher.submit_final(req(0.2), bulk=True))  # (bulk ones do not count)
+    await until(lambda: batcher.queue_depth == 2)
+    waiting = asyncio.ensure_future(batcher.submit_final(req(0.3)))
+    for _ in range(5):
+        await asyncio.sleep(0)  # it is waiting for room now
+    assert not waiting.done() and batcher.busy_workers == 0
+    await asyncio.wait_for(batcher.stop(), scaled(5))
+    outcomes = await asyncio.wait_for(asyncio.gather(first, bulk, waiting, return_exceptions=True), scaled(5))
+    assert all(isinstance(o, BatcherClosed) for o in outcomes), outcomes
+
+
+async def test_stop_keeps_the_event_loop_running_while_a_call_finishes() -> None:
+    """Stopping with a model call in progress waits for it without blocking the event loop."""
+    engine = GatedEngine()
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0))
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit_final(req(0.1)))
+    assert await in_thread(engine.entered)
+    stopping = asyncio.ensure_future(batcher.stop())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # With a blocked loop this line would run only after the gate's own timeout let the call end.
+    assert not engine.returned.is_set(), "the loop ran while the call was still in progress"
+    assert not stopping.done(), "stop waits for the call in progress"
+    engine.gate.set()
+    await asyncio.wait_for(stopping, scaled(5))
+    assert engine.returned.is_set()
+    with pytest.raises(BatcherClosed):
+        await running
+
+
+async def test_a_worker_failing_outside_the_engine_fails_its_batch_and_carries_on() -> None:
+    """An exception in batch assembly fails the requests that worker held (BatcherFailed), is logged with
+    its traceback, and the worker restarts: later requests are served; health is degraded meanwhile."""
+    engine = FakeEngine()
+    clock = ManualClock()
+    batcher = Batcher(engine, BatchConfig(max_batch_size=4, max_wait_ms=0), clock=clock)
+    batcher.start()
+    poison = PoisonRequest(audio=req(0.5).audio)
+    with pytest.raises(BatcherFailed):
+        await asyncio.wait_for(batcher.submit_final(poison), scaled(5))
+    later = await asyncio.wait_for(batcher.submit_final(req(1.0)), scaled(5))
+    assert later.text == "clip 1.00"
+    health = batcher.health
+    assert health.status == "degraded" and "restart" in health.reason
+    clock.now += HEALTH_WINDOW_S + 1
+    assert batcher.health.status == "ok"
+    await batcher.stop()
+
+
+async def test_an_on_batch_callback_that_raises_does_not_stop_the_worker() -> None:
+    """A failing on_batch hook (metrics) is logged and the worker goes on serving."""
+    calls: list[BatchReport] = []
+
+    def broken(report: BatchReport) -> None:
+        calls.append(report)
+        raise ValueError("metrics bug")
+
+    batcher = Batcher(FakeEngine(), BatchConfig(max_batch_size=1, max_wait_ms=0), on_batch=broken)
+    batcher.start()
+    first = await asyncio.wait_for(batcher.submit_final(req(1.0)), scaled(5))
+    second = await asyncio.wait_for(batcher.submit_final(req(2.0)), scaled(5))
+    await batcher.stop()
+    assert (first.text, second.text, len(calls)) == ("clip 1.00", "clip 2.00", 2)
+
+
+async def test_workers_that_keep_failing_fail_the_batcher() -> None:
+    """Past MAX_RESTARTS worker failures in the health window the batcher gives up: health failed,
+    queued and new finals fail with BatcherFailed, interims and speculation are refused."""
+    batcher = Batcher(FakeEngine(), BatchConfig(max_batch_size=1, max_wait_ms=0))
+    batcher.start()
+    poisons = [PoisonRequest(audio=req(0.5).audio) for _ in range(MAX_RESTARTS + 1)]
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit_final(p) for p in poisons), return_exceptions=True), scaled(5)
+    )
+    assert all(isinstance(o, BatcherFailed) for o in outcomes), outcomes
+    assert batcher.health.status == "failed"
+    with pytest.raises(BatcherFailed):
+        await asyncio.wait_for(batcher.submit_final(req(1.0)), scaled(5))
+    assert batcher.submit_interim(req(1.0)) is None and batcher.submit_speculative(req(1.0)) is None
+    await batcher.stop()
+
+
+async def test_a_call_past_the_timeout_fails_its_requests_and_its_worker_is_stuck_until_it_returns() -> None:
+    """A model call longer than engine_call_timeout_s fails its requests with EngineTimeout; its worker
+    counts as stuck (health degraded, other workers serve on) until the call returns."""
+    engine = GatedEngine(workers=2)
+    clock = ManualClock()
+    reports: list[BatchReport] = []
+    batcher = Batcher(
+        engine,
+        BatchConfig(max_batch_size=1, max_wait_ms=0, engine_call_timeout_s=0.05),
+        on_batch=reports.append,
+        clock=clock,
+    )
+    batcher.start()
+    with pytest.raises(EngineTimeout):
+        await asyncio.wait_for(batcher.submit_final(req(1.0)), scaled(5))
+    assert batcher.stuck_workers == 1
+    health = batcher.health
+    assert health.status == "degraded" and "stuck" in health.reason
+    engine.gate.set()  # the other worker serves; so does the stuck one once its call returns
+    assert (await asyncio.wait_for(batcher.submit_final(req(2.0)), scaled(5))).text == "clip 2.00"
+    await until(lambda: batcher.stuck_workers == 0)
+    assert batcher.health.status == "degraded", "a call timed out within the window"
+    clock.now += HEALTH_WINDOW_S + 1
+    assert batcher.health.status == "ok"
+    await batcher.stop()
+    timed_out = [r for r in reports if r.timed_out]
+    assert len(timed_out) == 1 and timed_out[0].failed
+
+
+async def test_every_worker_stuck_is_failed_health() -> None:
+    """With its only worker stuck in a call past the timeout, the batcher cannot serve: health failed
+    (until the call returns)."""
+    engine = GatedEngine(workers=1)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0, engine_call_timeout_s=0.05))
+    batcher.start()
+    with pytest.raises(EngineTimeout):
+        await asyncio.wait_for(batcher.submit_final(req(1.0)), scaled(5))
+    assert batcher.health.status == "failed"
+    engine.gate.set()
+    await until(lambda: batcher.stuck_workers == 0)
+    assert batcher.health.status == "degraded"
+    await batcher.stop()
+
+
+async def test_a_call_past_the_timeout_is_aborted_when_the_engine_can() -> None:
+    """An engine that can abort has its timed-out call stopped: the worker is free at once."""
+    engine = AbortableFake()
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0, engine_call_timeout_s=0.05))
+    batcher.start()
+    with pytest.raises(EngineTimeout):
+        await asyncio.wait_for(batcher.submit_final(req(2.0, marker=0.9)), scaled(5))
+    await until(lambda: batcher.stuck_workers == 0)
+    assert engine.aborts == [1]
+    assert (await asyncio.wait_for(batcher.submit_final(req(1.0)), scaled(5))).text == "clip 1.00"
+    await batcher.stop()
+
+
+async def test_zero_engine_call_timeout_means_no_limit() -> None:
+    """engine_call_timeout_s 0 lets a call run as long as it takes."""
+    engine = GatedEngine()
+    batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0, engine_call_timeout_s=0))
+    batcher.start()
+    final = asyncio.ensure_future(batcher.submit_final(req(1.0)))
+    assert await in_thread(engine.entered)
+    await asyncio.sleep(0.1)  # well past the 0.05 s the tests above time out at
+    assert not final.done() and batcher.health.status == "ok"
+    engine.gate.set()
+    assert (await asyncio.wait_for(final, scaled(5))).text == "clip 1.00"
+    await batcher.stop()
+
+
+def test_engine_call_timeout_is_a_flag_and_is_validated() -> None:
+    """--engine-call-timeout-s sets BatchConfig.engine_call_timeout_s (default 30); a negative one is
+    refused, naming the field."""
+    assert config_from_args(build_parser().parse_args([])).batch.engine_call_timeout_s == 30
+    args = build_parser().parse_args(["--engine-call-timeout-s", "2.5"])
+    assert config_from_args(args).batch.engine_call_timeout_s == 2.5
+    with pytest.raises(ConfigError, match="engine_call_timeout_s"):
+        BatchConfig(engine_call_timeout_s=-1)
+
+
+@pytest.mark.e2e
+async def test_health_endpoint_says_degraded_or_failed_without_the_reason() -> None:
+    """/health reports the batcher: failed (503, not ready) while every worker is stuck, then degraded
+    (200, ready) after a call timed out; the reason stays in the log."""
+    engine = GatedEngine(workers=1)
+    engine.gate.set()  # start-up (calibration) runs freely
+    config = Config(batch=BatchConfig(max_batch_size=1, max_wait_ms=0, engine_call_timeout_s=0.05))
+    async with running_server(engine, config) as (server, url):
+        health_url = url.replace("ws://", "http://") + "/health"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(health_url) as response:
+                assert response.status == 200 and (await response.json())["status"] == "ready"
+            engine.gate.clear()
+            assert server.batcher is not None
+            with pytest.raises(EngineTimeout):
+                await asyncio.wait_for(server.batcher.submit_final(req(1.0)), scaled(5))
+            async with http.get(health_url) as response:
+                body = await response.json()
+                assert response.status == 503 and body["status"] == "failed" and body["ready"] is False
+                assert "stuck" not in json.dumps(body) and "timeout" not in json.dumps(body)
+            engine.gate.set()
+            await until(lambda: server.batcher is not None and server.batcher.stuck_workers == 0)
+            async with http.get(health_url) as response:
+                body = await response.json()
+                assert response.status == 200 and body["status"] == "degraded" and body["ready"] is True
+                assert "stuck" not in json.dumps(body) and "timeout" not in json.dumps(body)
+            async with http.get(health_url.replace("/health", "/metrics")) as response:
+                assert "stream_engine_timeouts_total 1.0" in await response.text()
