@@ -29,6 +29,24 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
+# The label values each labelled series is created with, at 0, when Metrics() is built: a dashboard or a
+# test sees every series from the start, not only once the first such event happened (which one
+# happens first may depend on timing). Values outside these (a new refusal reason...) still work; they
+# appear on first use. tests/test_metrics.py checks that the transport uses no literal left out here.
+KINDS = ("final", "interim")
+SPECULATION_OUTCOMES = ("used", "wasted", "refused")
+REJECTION_REASONS = (
+    "draining",
+    "not_ready",
+    "bad_request",
+    "unauthorized",
+    "origin",
+    "max_sessions",
+    "per_ip",
+    "per_key",
+    "capacity",
+)
+
 
 class GpuMemoryCollector(Collector):
     """Reads GPU memory at scrape time; absent GPU or NVML is normal and reported as nothing."""
@@ -215,6 +233,20 @@ class Metrics:
             "Audio read from fast clients and waiting on disk for the model (all streams)",
             registry=r,
         )
+
+        for kind in KINDS:
+            for per_kind in (
+                self.queue_depth,
+                self.batch_size,
+                self.inference_seconds,
+                self.queue_wait_seconds,
+                self.engine_busy_seconds,
+            ):
+                per_kind.labels(kind)
+        for outcome in SPECULATION_OUTCOMES:
+            self.speculations.labels(outcome)
+        for reason in REJECTION_REASONS:
+            self.sessions_rejected.labels(reason)
 
     def watch_gpu(self, device_index: int) -> None:
         """Add the GPU memory collector (call once, when the engine runs on CUDA)."""
