@@ -18,7 +18,6 @@ fails: README, "Back-pressure"), and a writer, the only task that sends. Jobs go
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import logging
@@ -26,27 +25,28 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from . import __version__
 from .auth import MAX_GRANT_BODY_BYTES, WWW_AUTHENTICATE, Authenticator, Principal, parse_grant_body
 from .batcher import Batcher, BatchReport
 from .capacity import CapacityModel, CapacitySettings, calibration_clips
 from .config import Config, default_threads
-from .engines.base import SAMPLE_RATE_HZ, Engine, EngineInfo, TranscribeRequest
+from .engines.base import SAMPLE_RATE_HZ, Engine, EngineInfo, TranscribeRequest, Transcript
 from .engines.hub import is_hub_id
 from .errors import AuthError, BadRequest, BatcherClosed, InterimSkipped
+from .limits import FairShare, client_address, parse_networks
 from .metrics import Metrics
 from .protocol import AUTH_PARAMS, Error, ModelInfo, Results, StreamOptions, parse_options, serialize
 from .session import Job, JobKind, Session, SessionIdentity, SessionSettings
-from .spool import BINARY, TEXT, Spool
+from .spool import BINARY, OVERSIZED, TEXT, Spool
 from .vad import FrameVad, MinSpeechRun, NoiseGate, WebRtcVad
 
 logger = logging.getLogger(__name__)
@@ -116,8 +116,6 @@ def _now_iso() -> str:
 
 
 MAX_HEADER_CHARS = 1024
-GRANT_BODY_TIMEOUT_S = 10.0
-"""How long the body of a grant request may take to arrive."""
 
 
 def header_safe(text: str) -> str:
@@ -289,6 +287,10 @@ class Server:
         self.load_error: str | None = None
         self.started_s = time.monotonic()
         self.connections: set[_Connection] = set()
+        limits = config.limits
+        self.fair = FairShare(limits.max_sessions_per_ip, limits.max_sessions_per_key)
+        self._trusted_proxies = parse_networks(limits.trusted_proxies)
+        self._index_html: str | None = None
         self.draining = False
         self._runner: web.AppRunner | None = None
         self._load_task: asyncio.Task[None] | None = None
@@ -308,6 +310,7 @@ class Server:
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._static)
         app.on_startup.append(self._on_startup)
+        app.on_response_prepare.append(_hide_server_software)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -471,7 +474,14 @@ class Server:
 
     async def start(self) -> tuple[str, int]:
         """Listen on the configured host and port (0 picks one). Returns the bound address."""
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            # aiohttp closes a connection that has not sent a whole request this long after it
+            # opened (or after its last response): the handshake timeout against slowloris.
+            keepalive_timeout=self.config.limits.handshake_timeout_s,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
         await site.start()
@@ -554,6 +564,7 @@ class Server:
         return web.json_response(body, status=status, headers=cors)
 
     async def _metrics(self, _: web.Request) -> web.Response:
+        self.metrics.event_loop_tasks.set(len(asyncio.all_tasks()))
         if self.batcher is not None:
             self.metrics.queue_depth.labels("final").set(self.batcher.finals_waiting)
             self.metrics.queue_depth.labels("interim").set(self.batcher.interims_waiting)
@@ -561,11 +572,16 @@ class Server:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def _index(self, _: web.Request) -> web.StreamResponse:
-        static = web_dir()
-        page = static / "index.html" if static is not None else None
-        if page is not None and page.is_file():
-            return web.Response(text=page.read_text(encoding="utf-8"), content_type="text/html")
-        return web.Response(text="stream_server: stream audio to ws://HOST/v1/listen (see the README)\n")
+        if self._index_html is None:  # read once: the page does not change while the server runs
+            static = web_dir()
+            page = static / "index.html" if static is not None else None
+            self._index_html = (
+                page.read_text(encoding="utf-8")
+                if page is not None and page.is_file()
+                else "stream_server: stream audio to ws://HOST/v1/listen (see the README)\n"
+            )
+        content_type = "text/html" if self._index_html.lstrip().startswith("<") else "text/plain"
+        return web.Response(text=self._index_html, content_type=content_type)
 
     async def _static(self, request: web.Request) -> web.StreamResponse:
         """The browser client's own files: top-level files of ``client_js/`` with a web extension only
@@ -640,7 +656,7 @@ class Server:
         except AuthError as exc:
             return self._refuse(request, exc, cors)
         try:
-            body = await asyncio.wait_for(_read_body(request), GRANT_BODY_TIMEOUT_S)
+            body = await asyncio.wait_for(_read_body(request), self.config.limits.handshake_timeout_s)
             ttl_s = parse_grant_body(body)
         except BadRequest as exc:
             return _json_error(400, exc.code, exc.description, **cors)
@@ -680,11 +696,11 @@ class Server:
         authenticated = self._authenticate(request)  # also kept as request[PRINCIPAL_KEY]
         if isinstance(authenticated, web.Response):
             return authenticated
-        ws = web.WebSocketResponse(
+        ws = _StreamSocket(
             protocols=request[WS_PROTOCOLS_KEY],  # the "token" or "bearer" subprotocol offered (auth.py)
-            max_msg_size=max(
-                2 * self.config.limits.max_frame_bytes, self.config.limits.max_frame_bytes + 65536
-            ),
+            # aiohttp refuses a larger message from its header, before buffering any of it; the
+            # stream then ends with FRAME_TOO_LARGE after the finals it is owed (_StreamSocket).
+            max_msg_size=self.config.limits.max_frame_bytes + 1,
             # Pings find peers that vanished without a FIN. Generous, because in the last resort of
             # back-pressure (a full spool) the socket is not read, so a pong can sit behind queued audio.
             heartbeat=60.0,
@@ -702,6 +718,18 @@ class Server:
                 "refused %s: %s", request.remote, header_safe(str(exc))
             )  # no raw control characters in logs
             return _json_error(400, exc.code, exc.description)
+        client = client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", []), self._trusted_proxies
+        )
+        principal: Principal | None = request.get(PRINCIPAL_KEY)
+        keyed = principal is not None and principal.method != "none"  # a server without keys has none
+        key_name = principal.name if keyed and principal is not None else None
+        key_max = principal.max_sessions if keyed and principal is not None else None
+        refusal = self.fair.refusal(client, key_name, key_max)
+        if refusal is not None:
+            self.metrics.sessions_rejected.labels(refusal.reason).inc()
+            logger.info("refused %s (key %s): %s", client, key_name or "-", refusal.description)
+            return _json_error(429, refusal.code, refusal.description, **{"Retry-After": "5"})
         if len(self.connections) >= self.config.limits.max_sessions:
             self.metrics.sessions_rejected.labels("max_sessions").inc()
             return _json_error(
@@ -730,24 +758,31 @@ class Server:
         request_id = str(uuid.uuid4())
         ws.headers["dg-request-id"] = request_id
         session = self._new_session(options, request_id)
-        conn = _Connection(self, ws, session)
-        # Counted before the first await, so simultaneous handshakes cannot all pass the check above.
+        conn = _Connection(self, ws, session, request, client, key_name)
+        # Counted before the first await, so simultaneous handshakes cannot all pass the checks above.
         self.connections.add(conn)
         self.capacity.open(conn, now)
+        self.fair.open(client, key_name)
         self.metrics.sessions_active.set(len(self.connections))
         try:
             await ws.prepare(request)
-            key_name = getattr(request.get(PRINCIPAL_KEY), "name", "-")
-            logger.info(
-                "stream %s opened from %s (key %s): %s", request_id, request.remote, key_name, options
-            )
+            logger.info("stream %s opened from %s (key %s): %s", request_id, client, key_name or "-", options)
             await conn.run()
         finally:
-            self.connections.discard(conn)
-            self.capacity.close(conn)
+            self.release(conn)
             conn.spool.close()
-            self.metrics.sessions_active.set(len(self.connections))
         return ws
+
+    def release(self, conn: _Connection) -> None:
+        """Give back the seat ``conn`` holds (its slot, capacity share and fair-limit counts), once:
+        when it ends, or as soon as its client is gone (its model work was cancelled)."""
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        if self.capacity is not None:
+            self.capacity.close(conn)
+        self.fair.close(conn.client, conn.key_name)
+        self.metrics.sessions_active.set(len(self.connections))
 
     def _new_session(self, options: StreamOptions, request_id: str) -> Session:
         assert self.engine is not None
@@ -768,8 +803,28 @@ class Server:
             max_client_errors=self.config.limits.max_client_errors,
             max_session_s=self.config.limits.max_session_s,
             max_frame_bytes=self.config.limits.max_frame_bytes,
+            max_finalize_per_s=self.config.limits.max_finalize_per_s,
+            finalize_burst=self.config.limits.finalize_burst,
         )
         return Session(options, settings, self._vad_factory(), identity)
+
+
+class _StreamSocket(web.WebSocketResponse):
+    """aiohttp's WebSocket, except that a message over ``max_msg_size`` does not close it at once.
+
+    aiohttp closes with 1009 itself as soon as it reads such a message's header, before the stream
+    could send the finals it owes or say why (issue 8). Here that close is put off: the reader sees
+    the error, the session ends the stream with ``FRAME_TOO_LARGE`` after the finals owed, and the
+    writer closes with 1009. The rest of the oversized message is never read or buffered.
+    """
+
+    refused_too_big = False
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message and not self.refused_too_big:
+            self.refused_too_big = True  # aiohttp's own close from receive(); ours carry a reason
+            return False
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class _Connection:
@@ -782,10 +837,21 @@ class _Connection:
     stop.
     """
 
-    def __init__(self, server: Server, ws: web.WebSocketResponse, session: Session) -> None:
+    def __init__(
+        self,
+        server: Server,
+        ws: _StreamSocket,
+        session: Session,
+        request: web.Request,
+        client: str,
+        key_name: str | None,
+    ) -> None:
         self.server = server
         self.ws = ws
         self.session = session
+        self.request = request
+        self.client = client
+        self.key_name = key_name
         self.wake = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
@@ -799,18 +865,15 @@ class _Connection:
         self._outcome = "client_closed"
         self._bytes_per_second = session.options.sample_rate_hz * session.options.bytes_per_frame
         self._opened_s = time.monotonic()
+        self._aborted = False  # we cut the connection (a client that stopped reading)
 
     async def run(self) -> None:
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
         finally:
-            if not self._closed_by_us:
-                for job_id in self.session.receive_disconnect():
-                    task = self._tasks.pop(job_id, None)
-                    if task is not None:
-                        task.cancel()
-                self.wake.set()
+            if not self._closed_by_us and not (self.ws.refused_too_big and not self._aborted):
+                self._client_gone()
             await writer
             for task in self._tasks.values():
                 task.cancel()
@@ -827,29 +890,79 @@ class _Connection:
                 f", spooled up to {self.spool.peak_bytes / 2**20:.1f} MiB" if self.spool.peak_bytes else "",
             )
 
+    def _client_gone(self) -> None:
+        """Nobody will read this stream any more: cancel its model work and give its seat back now,
+        not after the work it asked for would have drained."""
+        for job_id in self.session.receive_disconnect():
+            task = self._tasks.pop(job_id, None)
+            if task is not None:
+                task.cancel()
+        self.server.release(self)
+        self.wake.set()
+
+    def _abort(self, outcome: str, why: str) -> None:
+        """Cut a client that stopped reading: no close handshake (it would wait behind the unread
+        data), its seat and everything it holds are freed."""
+        if self._aborted or self.ws.closed:
+            return
+        self._aborted = True
+        self._outcome = outcome
+        logger.info("stream %s: %s; closing it", self.session.identity.request_id, why)
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        self._client_gone()
+
     @property
     def bulk(self) -> bool:
         """The client sends faster than real time (an upload): its finals yield to live streams'."""
         return self.session.audio_duration_s > time.monotonic() - self._opened_s + BULK_LEAD_S
 
+    def _read_deadline(self) -> tuple[float | None, Callable[[], None]]:
+        """How long the next read may wait, and what its timeout means: the idle timeout, the
+        no-audio timeout or the wall-clock session limit, whichever comes first."""
+        limits = self.server.config.limits
+        session = self.session
+        if session.closing:
+            return None, lambda: None
+        now = time.monotonic()
+        deadlines: list[tuple[float, Callable[[], None]]] = []
+        if not (self.spool.pending or self._held is not None):  # audio waits: the client is not idle
+            deadlines.append((now + limits.idle_timeout_s, session.receive_idle_timeout))
+        if session.audio_duration_s == 0 and not self.spool.pending:
+            deadlines.append((self._opened_s + limits.no_audio_timeout_s, session.receive_no_audio_timeout))
+        if limits.max_session_s:
+            deadlines.append((self._opened_s + limits.max_session_s, session.receive_session_too_long))
+        if not deadlines:
+            return None, lambda: None
+        at, expired = min(deadlines, key=lambda d: d[0])
+        return max(0.0, at - now), expired
+
     async def _read_loop(self) -> None:
-        idle_timeout = self.server.config.limits.idle_timeout_s
         metrics = self.server.metrics
         while not self.ws.closed:
             await self.room.wait()  # cleared only while the spool is full (or failed)
-            waiting = self.session.closing or self.spool.pending or self._held is not None
+            timeout, expired = self._read_deadline()
             try:
-                msg = await asyncio.wait_for(self.ws.receive(), None if waiting else idle_timeout)
+                msg = await asyncio.wait_for(self.ws.receive(), timeout)
             except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
-                self.session.receive_idle_timeout()
+                expired()
                 self.after_input()
                 continue
+            except ConnectionResetError:  # aiohttp answering a ping on a socket that just went away
+                break
             if msg.type == WSMsgType.BINARY:
                 data: bytes = msg.data
                 metrics.audio_seconds.inc(len(data) / self._bytes_per_second)
                 self._take(BINARY, data)
             elif msg.type == WSMsgType.TEXT:
                 self._take(TEXT, msg.data)
+            elif self.ws.refused_too_big and isinstance(msg.data, WebSocketError):
+                # Over max_frame_bytes: in its place in the stream's order (behind spooled audio),
+                # then the finals owed, FRAME_TOO_LARGE and 1009. The socket is not read again.
+                self._take(OVERSIZED, b"")
+                self.after_input()
+                break
             else:  # CLOSE, CLOSING, CLOSED, ERROR: the client (or the close we started) ends it
                 if msg.type == WSMsgType.ERROR:
                     logger.info("stream %s: socket error: %s", self.session.identity.request_id, msg.data)
@@ -877,7 +990,9 @@ class _Connection:
         )
 
     def _feed(self, kind: int, data: bytes | str) -> None:
-        if kind == BINARY:
+        if kind == OVERSIZED:
+            self.session.receive_frame_too_large()
+        elif kind == BINARY:
             self.session.receive_audio(data if isinstance(data, bytes) else data.encode())
         else:
             self.session.receive_text(data if isinstance(data, str) else data.decode())
@@ -899,6 +1014,12 @@ class _Connection:
                 self.room.set()
             else:
                 break
+        limit = self.server.config.limits.max_outgoing_events
+        if self.session.events_waiting > limit:
+            self._abort(
+                "slow_reader",
+                f"{self.session.events_waiting} messages wait for a client that reads too slowly",
+            )
         self.wake.set()
 
     def _dispatch_jobs(self) -> None:
@@ -917,8 +1038,12 @@ class _Connection:
         assert batcher is not None
         loop = asyncio.get_running_loop()
         if job.kind is JobKind.FINAL:
-            pending = batcher.submit_final(job.request, bulk=self.bulk)
-            self._tasks[job.job_id] = loop.create_task(self._run(job, pending))
+            bulk = self.bulk
+            # The coroutine is made inside the task: a task cancelled before it starts leaves none
+            # behind un-awaited.
+            self._tasks[job.job_id] = loop.create_task(
+                self._run(job, lambda: batcher.submit_final(job.request, bulk=bulk))
+            )
             return
         if job.kind is JobKind.SPECULATIVE:
             future = batcher.submit_speculative(job.request)
@@ -931,11 +1056,12 @@ class _Connection:
         if future is None:
             self.session.receive_skipped(job.job_id)
             return
-        self._tasks[job.job_id] = loop.create_task(self._run(job, future))
+        answer = future
+        self._tasks[job.job_id] = loop.create_task(self._run(job, lambda: answer))
 
-    async def _run(self, job: Job, pending: Any) -> None:
+    async def _run(self, job: Job, pending: Callable[[], Awaitable[Transcript]]) -> None:
         try:
-            transcript = await pending
+            transcript = await pending()
         except asyncio.CancelledError:
             raise
         except InterimSkipped:
@@ -965,7 +1091,9 @@ class _Connection:
             self.wake.clear()
             for event in self.session.events_to_send():
                 if isinstance(event, Results):
-                    if event.is_final:
+                    if event.is_final and event.is_acknowledgement:
+                        pass  # a Finalize that ended no segment: no final of a segment, no latency
+                    elif event.is_final:
                         metrics.segments_finalized.inc()
                         started = self._final_started.pop(event.segment_id, None)
                         now = time.monotonic()
@@ -980,12 +1108,15 @@ class _Connection:
                         metrics.interims_sent.inc()
                 elif isinstance(event, Error):
                     metrics.client_errors.labels(event.code).inc()
-                    if event.start_s is not None:
+                    if event.segment_id is not None:  # the Error a segment ends in, instead of a final
                         metrics.segment_errors.inc()
-                if self.ws.closed:
+                        self._final_started.pop(event.segment_id, None)
+                if self.ws.closed or self._aborted:
                     break
-                with contextlib.suppress(ConnectionResetError):
-                    await self.ws.send_str(serialize(event))
+                if not await self._send(serialize(event)):
+                    break
+            if self._aborted:
+                return
             close = self.session.close
             if close is not None or self.ws.closed:
                 if close is not None and not self.ws.closed:
@@ -993,3 +1124,15 @@ class _Connection:
                     self._outcome = close.reason if close.code != 1000 else "completed"
                     await self.ws.close(code=int(close.code), message=close.reason.encode()[:120])
                 return
+
+    async def _send(self, text: str) -> bool:
+        """Send one message; False when the client has stopped reading (then it is cut) or is gone."""
+        timeout_s = self.server.config.limits.write_timeout_s
+        try:
+            await asyncio.wait_for(self.ws.send_str(text), timeout_s)
+        except asyncio.TimeoutError:
+            self._abort("slow_reader", f"the client took no message for {timeout_s:g} s")
+            return False
+        except ConnectionResetError:
+            return False
+        return True
