@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -353,3 +354,39 @@ async def test_per_key_limit_counts_the_keys_tokens_and_the_keys_own_limit() -> 
                             pass
                     assert info.value.response.status_code == 429
         assert metric(server, "stream_sessions_rejected_total", [("reason", "per_key")]) == 3
+
+
+async def test_empty_finalize_acknowledgement_is_not_counted_as_a_final() -> None:
+    """A Finalize with no segment open is acknowledged, but the finalized-segments counter and the
+    latency histogram count only real finals."""
+    async with running_server(FakeEngine(), limits_config()) as (server, url):
+        async with connect(f"{url}/v1/listen") as ws:
+            await ws.send(SPEECH[:3200])  # silence only: no segment opens
+            await ws.send('{"type": "Finalize"}')
+            await ws.send('{"type": "CloseStream"}')
+            result = await collect(ws)
+        assert [m.get("from_finalize") for m in result.finals()] == [True]
+        assert metric(server, "stream_segments_finalized_total") == 0
+        assert metric(server, "stream_final_latency_seconds_count") == 0
+
+
+async def test_answers_name_no_library_versions_and_the_page_is_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Server header says stream-server, not Python's and aiohttp's versions; the captions page
+    is read from disk once, not on every request."""
+    import stream_server.transport as transport
+
+    (tmp_path / "index.html").write_text("<html>first</html>")
+    monkeypatch.setattr(transport, "web_dir", lambda: tmp_path)
+    async with running_server(FakeEngine(), limits_config()) as (_, url):
+        async with aiohttp.ClientSession() as http:
+            base = url.replace("ws://", "http://")
+            async with http.get(f"{base}/health") as response:
+                assert response.headers["Server"] == "stream-server"
+            async with http.get(f"{base}/") as response:
+                assert "first" in await response.text()
+            (tmp_path / "index.html").write_text("<html>second</html>")
+            async with http.get(f"{base}/") as response:
+                assert "first" in await response.text()
+                assert "aiohttp" not in response.headers.get("Server", "")
