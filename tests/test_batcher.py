@@ -29,6 +29,94 @@ def req(seconds: float, *, language: str = "auto", marker: float = 0.1) -> Trans
     return TranscribeRequest(audio=audio, language=language)  # type: ignore[arg-type]
 
 
+class GatedEngine(FakeEngine):
+    """Calls wait until ``gate`` opens (a model busy for as long as the test wants): every call, or only
+    those whose first request carries one of the ``held`` markers. ``entered`` is set once a held call
+    is in, ``returned`` once one has returned.
+
+    The wait is bounded (``scaled(10)`` s) so that a test of a defect fails instead of hanging.
+    """
+
+    def __init__(self, *, workers: int = 1, held: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self._info = replace(self._info, max_concurrent_calls=workers)
+        self.held = None if held is None else {np.float32(m) for m in held}
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.returned = threading.Event()
+
+    def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
+        if self.held is not None and requests[0].audio[0] not in self.held:
+            return super().transcribe(requests)
+        self.entered.set()
+        try:
+            self.gate.wait(scaled(10))
+            return super().transcribe(requests)
+        finally:
+            self.returned.set()
+
+
+class CountingEngine(FakeEngine):
+    """Records the most calls in progress at once (``peak``); with ``barrier`` set, each call first waits
+    there for another, so calls that do not run at the same time fail (BrokenBarrierError)."""
+
+    def __init__(self, *, workers: int = 2, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s=delay_s)
+        self._info = replace(self._info, max_concurrent_calls=workers)
+        self.count_lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+        self.barrier: threading.Barrier | None = None
+
+    def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
+        with self.count_lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            if self.barrier is not None:
+                self.barrier.wait()
+            return super().transcribe(requests)
+        finally:
+            with self.count_lock:
+                self.active -= 1
+
+
+class PoisonRequest(TranscribeRequest):
+    """A request that breaks batch assembly (a bug outside the engine call), as a stand-in for any."""
+
+    @property
+    def batch_key(self) -> tuple[str, bool]:
+        raise RuntimeError("batch assembly bug")
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def in_thread(event: threading.Event) -> bool:
+    """Wait for a threading.Event off the loop (bounded)."""
+    return await asyncio.get_running_loop().run_in_executor(None, event.wait, scaled(5))
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Yield to the loop until ``predicate`` holds (bounded: the test fails rather than hangs)."""
+    async with timeout(scaled(5)):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+async def settle() -> None:
+    """Let every callback and task that is ready run (a few loop turns; no wall-clock time)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def test_waiting_requests_share_one_batch() -> None:
     """Requests that arrive together are run as one batch, up to max_batch_size."""
     engine = FakeEngine(delay_s=0.05)
@@ -42,22 +130,19 @@ async def test_waiting_requests_share_one_batch() -> None:
 
 
 async def test_engine_runs_off_the_event_loop_in_one_thread() -> None:
-    """The engine is called from one dedicated worker thread, never the event loop's."""
-    engine = FakeEngine(delay_s=0.01)
+    """The engine is called from one dedicated worker thread, never the event loop's: the loop runs on
+    while a call is in progress."""
+    engine = GatedEngine()
     batcher = Batcher(engine, BatchConfig(max_batch_size=2, max_wait_ms=0))
     batcher.start()
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        for _ in range(20):
-            await asyncio.sleep(0.005)
-            ticks += 1
-
-    await asyncio.gather(ticker(), *(batcher.submit_final(req(0.5)) for _ in range(6)))
+    finals = [asyncio.ensure_future(batcher.submit_final(req(0.5))) for _ in range(6)]
+    assert await in_thread(engine.entered)
+    await settle()
+    assert not engine.returned.is_set(), "the loop ran while the engine was in a call"
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(*finals), scaled(5))
     await batcher.stop()
     assert len(engine.threads) == 1 and next(iter(engine.threads)).startswith("engine")
-    assert ticks == 20
 
 
 async def test_failed_batch_fails_only_its_requests_and_worker_carries_on() -> None:
@@ -109,13 +194,16 @@ async def test_batches_never_mix_languages() -> None:
 
 async def test_similar_lengths_are_grouped() -> None:
     """With more waiting than fits, a batch takes the requests closest in length to the oldest."""
-    engine = FakeEngine(delay_s=0.1)
+    engine = GatedEngine(held=[0.5])
     batcher = Batcher(engine, BatchConfig(max_batch_size=3, max_wait_ms=0))
     batcher.start()
-    blocker = asyncio.ensure_future(batcher.submit_final(req(0.1)))
-    await asyncio.sleep(0.03)  # the worker is busy with the blocker; the rest queue up
+    blocker = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.5)))
+    assert await in_thread(engine.entered)  # the worker is busy with the blocker; the rest queue up
     lengths = [10.0, 2.0, 9.5, 2.1, 9.8, 1.9]
-    await asyncio.gather(blocker, *(batcher.submit_final(req(s)) for s in lengths))
+    rest = [asyncio.ensure_future(batcher.submit_final(req(s))) for s in lengths]
+    await until(lambda: batcher.queue_depth == len(lengths))
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *rest), scaled(5))
     await batcher.stop()
     grouped = [sorted(round(len(r.audio) / 16000, 1) for r in b) for b in engine.batches[1:]]
     assert [9.5, 9.8, 10.0] in grouped and [1.9, 2.0, 2.1] in grouped
@@ -123,17 +211,21 @@ async def test_similar_lengths_are_grouped() -> None:
 
 async def test_finals_go_before_interims() -> None:
     """When finals and interims both wait, finals run first and never share a batch with interims."""
-    engine = FakeEngine(delay_s=0.05)
+    engine = GatedEngine(held=[0.7])
     batcher = Batcher(
         engine, BatchConfig(max_batch_size=4, max_wait_ms=0, max_queue=64, interim_queue_fraction=1.0)
     )
     batcher.start()
-    blocker = asyncio.ensure_future(batcher.submit_final(req(0.1)))
-    await asyncio.sleep(0.02)
+    blocker = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.7)))
+    assert await in_thread(engine.entered)
     interims = [batcher.submit_interim(req(1, marker=0.5)) for _ in range(3)]
     assert all(f is not None for f in interims)
     finals = [asyncio.ensure_future(batcher.submit_final(req(1, marker=0.2))) for _ in range(3)]
-    await asyncio.gather(blocker, *finals, *[f for f in interims if f is not None])
+    await until(lambda: batcher.finals_waiting == 3)
+    engine.gate.set()
+    await asyncio.wait_for(
+        asyncio.gather(blocker, *finals, *[f for f in interims if f is not None]), scaled(5)
+    )
     await batcher.stop()
     kinds = [{float(r.audio[0]) for r in b} for b in engine.batches[1:]]
     assert kinds[0] == {np.float32(0.2)}
@@ -142,22 +234,23 @@ async def test_finals_go_before_interims() -> None:
 
 async def test_interims_refused_when_finals_wait_or_queue_busy() -> None:
     """An interim is refused (None) while finals are waiting or the queue is past its interim share."""
-    engine = FakeEngine(delay_s=0.1)
+    engine = GatedEngine(held=[0.7])
     batcher = Batcher(
         engine, BatchConfig(max_batch_size=1, max_wait_ms=0, max_queue=8, interim_queue_fraction=0.25)
     )
     batcher.start()
-    running = asyncio.ensure_future(batcher.submit_final(req(0.1)))
-    await asyncio.sleep(0.02)
+    running = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.7)))
+    assert await in_thread(engine.entered)
     waiting = asyncio.ensure_future(batcher.submit_final(req(0.1)))
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher.finals_waiting == 1)
     assert batcher.submit_interim(req(1)) is None
-    await asyncio.gather(running, waiting)
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(running, waiting), scaled(5))
     first = batcher.submit_interim(req(1))
     second = batcher.submit_interim(req(1))
-    third = batcher.submit_interim(req(1))
+    third = batcher.submit_interim(req(1))  # the worker has not run in between: two wait, the share
     assert first is not None and second is not None and third is None
-    await asyncio.gather(first, second)
+    await asyncio.wait_for(asyncio.gather(first, second), scaled(5))
     await batcher.stop()
 
 
@@ -172,33 +265,37 @@ async def test_full_queue_makes_finals_wait_not_fail() -> None:
 
 
 async def test_stop_fails_queued_requests() -> None:
-    """Stopping the batcher fails what is still queued with BatcherClosed instead of leaving it hanging."""
-    engine = FakeEngine(delay_s=0.2)
+    """Stopping the batcher fails what is still queued or running with BatcherClosed instead of leaving it
+    hanging, and refuses what comes after."""
+    engine = GatedEngine()
     batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0))
     batcher.start()
     futures = [asyncio.ensure_future(batcher.submit_final(req(0.1))) for _ in range(3)]
-    await asyncio.sleep(0.05)
-    await batcher.stop()
-    outcomes = await asyncio.gather(*futures, return_exceptions=True)
-    assert any(isinstance(o, BatcherClosed) for o in outcomes)
-    assert all(not isinstance(o, asyncio.CancelledError) for o in outcomes)
+    assert await in_thread(engine.entered)
+    stopping = asyncio.ensure_future(batcher.stop())
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), scaled(5))
+    engine.gate.set()
+    await asyncio.wait_for(stopping, scaled(5))
+    assert all(isinstance(o, BatcherClosed) for o in outcomes), outcomes
     with pytest.raises(BatcherClosed):
         await batcher.submit_final(req(0.1))
 
 
 async def test_cancelled_requests_are_not_run() -> None:
     """A request whose caller went away before its batch started is not sent to the engine."""
-    engine = FakeEngine(delay_s=0.1)
+    engine = GatedEngine(held=[0.1])
     batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0))
     batcher.start()
     first = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.1)))
-    await asyncio.sleep(0.02)
+    assert await in_thread(engine.entered)
     doomed = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.9)))
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher.finals_waiting == 1)
     doomed.cancel()
-    await first
-    await asyncio.sleep(0.15)
+    engine.gate.set()
+    await asyncio.wait_for(first, scaled(5))
+    after = await asyncio.wait_for(batcher.submit_final(req(0.2, marker=0.3)), scaled(5))  # queued behind it
     await batcher.stop()
+    assert after.text == "clip 0.20"
     assert all(float(r.audio[0]) != np.float32(0.9) for b in engine.batches for r in b)
 
 
@@ -217,21 +314,22 @@ async def test_reports_each_batch() -> None:
 
 async def test_speculative_requests_wait_with_finals_but_are_refused_when_finals_wait() -> None:
     """A speculative request is refused while finals wait, and otherwise runs in the finals' queue."""
-    engine = FakeEngine(delay_s=0.1)
+    engine = GatedEngine(held=[0.7])
     batcher = Batcher(
         engine, BatchConfig(max_batch_size=4, max_wait_ms=0, max_queue=64, interim_queue_fraction=1.0)
     )
     batcher.start()
-    running = asyncio.ensure_future(batcher.submit_final(req(0.1)))
-    await asyncio.sleep(0.02)
+    running = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.7)))
+    assert await in_thread(engine.entered)
     waiting = asyncio.ensure_future(batcher.submit_final(req(0.2)))
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher.finals_waiting == 1)
     assert batcher.submit_speculative(req(1)) is None, "a final is waiting"
-    await asyncio.gather(running, waiting)
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(running, waiting), scaled(5))
     interim = batcher.submit_interim(req(1, marker=0.5))
     speculative = batcher.submit_speculative(req(1, marker=0.3))
     assert interim is not None and speculative is not None
-    await asyncio.gather(interim, speculative)
+    await asyncio.wait_for(asyncio.gather(interim, speculative), scaled(5))
     await batcher.stop()
     order = [float(b[0].audio[0]) for b in engine.batches[2:]]
     assert order == [np.float32(0.3), np.float32(0.5)], "speculation goes before interims"
@@ -240,82 +338,77 @@ async def test_speculative_requests_wait_with_finals_but_are_refused_when_finals
 # -- Several workers on one engine --------------------------------------------------------------------
 
 
-def two_worker_engine(delay_s: float) -> FakeEngine:
-    engine = FakeEngine(delay_s=delay_s)
-    engine._info = replace(engine.info, max_concurrent_calls=2)
-    return engine
-
-
 async def test_workers_follow_the_engines_concurrency_and_run_at_once() -> None:
     """With an engine that allows two calls at once, two finals run at the same time in two threads, one
     each, rather than as one batch of two."""
-    engine = two_worker_engine(0.2)
+    engine = CountingEngine(workers=2)
+    engine.barrier = threading.Barrier(2, timeout=scaled(5))  # each call goes on only once both are in
     reports: list[BatchReport] = []
     batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=5), on_batch=reports.append)
     assert batcher.workers == 2
     batcher.start()
-    await asyncio.gather(batcher.submit_final(req(1.0)), batcher.submit_final(req(1.1)))
+    await asyncio.wait_for(
+        asyncio.gather(batcher.submit_final(req(1.0)), batcher.submit_final(req(1.1))), scaled(10)
+    )
     await batcher.stop()
-    assert [len(b) for b in engine.batches] == [1, 1]
+    assert [len(b) for b in engine.batches] == [1, 1] and engine.peak == 2, "neither waited for the other"
     assert len(engine.threads) == 2
     assert sorted(r.worker for r in reports) == [0, 1]
-    first, second = sorted(reports, key=lambda r: r.worker)
-    assert first.queue_wait_s < 0.1 and second.queue_wait_s < 0.1, "neither waited for the other"
 
 
 async def test_an_interim_never_takes_the_last_idle_worker() -> None:
     """With one of two workers busy, an interim is refused, and a final that arrives starts at once on the
     worker kept free."""
-    engine = two_worker_engine(0.0)
+    engine = GatedEngine(workers=2, held=[0.9])
     batcher = Batcher(engine, BatchConfig(max_batch_size=4, max_wait_ms=0, interim_queue_fraction=1.0))
     batcher.start()
-    engine.delay_s = 0.3
-    long_final = asyncio.ensure_future(batcher.submit_final(req(5.0)))
-    await asyncio.sleep(0.05)
+    long_final = asyncio.ensure_future(batcher.submit_final(req(5.0, marker=0.9)))
+    assert await in_thread(engine.entered)
     assert batcher.busy_workers == 1
     assert batcher.submit_interim(req(1.0)) is None, "it would take the worker kept for finals"
-    engine.delay_s = 0.0
-    quick = await batcher.submit_final(req(0.5))
+    quick = await asyncio.wait_for(batcher.submit_final(req(0.5)), scaled(5))
     assert not long_final.done(), "the second final did not wait for the first"
     assert quick.text == "clip 0.50"
-    await long_final
+    engine.gate.set()
+    await asyncio.wait_for(long_final, scaled(5))
     interim = batcher.submit_interim(req(1.0))
     assert interim is not None, "both idle: an interim may take one"
-    await interim
+    await asyncio.wait_for(interim, scaled(5))
     await batcher.stop()
 
 
 async def test_speculation_is_refused_only_when_it_would_wait_behind_a_final() -> None:
     """A speculative final is accepted while a worker is free, and refused once the waiting finals fill
     every idle worker."""
-    engine = two_worker_engine(0.3)
+    engine = GatedEngine(workers=2)
     batcher = Batcher(engine, BatchConfig(max_batch_size=4, max_wait_ms=0, interim_queue_fraction=1.0))
     batcher.start()
     first = asyncio.ensure_future(batcher.submit_final(req(1.0)))
-    await asyncio.sleep(0.05)
+    await until(lambda: batcher.busy_workers == 1)
     speculative = batcher.submit_speculative(req(1.0, marker=0.3))
     assert speculative is not None, "one worker is still free"
-    await asyncio.sleep(0.05)
-    assert batcher.busy_workers == 2
+    await until(lambda: batcher.busy_workers == 2)
     waiting = asyncio.ensure_future(batcher.submit_final(req(2.0)))
-    await asyncio.sleep(0.01)
-    assert batcher.finals_waiting == 1
+    await until(lambda: batcher.finals_waiting == 1)
     assert batcher.submit_speculative(req(1.0)) is None, "it would wait behind a final"
-    await asyncio.gather(first, speculative, waiting)
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, speculative, waiting), scaled(5))
     await batcher.stop()
 
 
 async def test_bulk_finals_run_after_live_ones_one_per_call() -> None:
     """Finals of a stream sent faster than real time wait behind live finals and run one per call."""
-    engine = FakeEngine(delay_s=0.1)
+    engine = GatedEngine(held=[0.1])
     batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=0))
     batcher.start()
     blocker = asyncio.ensure_future(batcher.submit_final(req(0.1, marker=0.1)))
-    await asyncio.sleep(0.03)
+    assert await in_thread(engine.entered)
     bulk = [asyncio.ensure_future(batcher.submit_final(req(1, marker=0.7), bulk=True)) for _ in range(3)]
-    await asyncio.sleep(0)
+    await until(lambda: batcher.bulk_waiting == 3)
     live = asyncio.ensure_future(batcher.submit_final(req(1, marker=0.3)))
-    await asyncio.gather(blocker, live, *bulk)
+    await until(lambda: batcher.finals_waiting == 1)
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, live, *bulk), scaled(5))
     await batcher.stop()
     markers = [[float(r.audio[0]) for r in b] for b in engine.batches]
     assert markers[1] == [np.float32(0.3)], "the live final went first"
@@ -324,26 +417,22 @@ async def test_bulk_finals_run_after_live_ones_one_per_call() -> None:
 
 async def test_bulk_work_leaves_a_worker_free_only_while_live_streams_are_about() -> None:
     """With two workers, bulk finals use both when no live final was seen lately, and only one otherwise."""
-    engine = two_worker_engine(0.15)
+    engine = CountingEngine(workers=2, delay_s=0.05)
+    engine.barrier = threading.Barrier(2, timeout=scaled(5))  # two at a time, or the calls fail
     batcher = Batcher(engine, BatchConfig(max_batch_size=8, max_wait_ms=0))
     batcher.start()
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, batcher.busy_workers)
-            await asyncio.sleep(0.005)
-
-    watcher = asyncio.ensure_future(watch())
-    await asyncio.gather(*(batcher.submit_final(req(1), bulk=True) for _ in range(4)))
-    alone = peak
+    await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit_final(req(1), bulk=True) for _ in range(4))), scaled(10)
+    )
+    alone = engine.peak
+    engine.barrier = None
     await batcher.submit_final(req(0.5))  # a live stream shows up
-    peak = 0
-    await asyncio.gather(*(batcher.submit_final(req(1), bulk=True) for _ in range(4)))
-    watcher.cancel()
+    engine.peak = 0
+    await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit_final(req(1), bulk=True) for _ in range(4))), scaled(10)
+    )
     await batcher.stop()
-    assert (alone, peak) == (2, 1)
+    assert (alone, engine.peak) == (2, 1)
 
 
 def test_batch_size_zero_means_what_the_engine_prefers() -> None:
@@ -409,7 +498,7 @@ async def test_a_call_someone_still_waits_for_is_not_aborted() -> None:
     other = batcher.submit_speculative(req(1.0, marker=0.2))
     assert other is not None
     other.cancel()
-    await asyncio.sleep(0.05)
+    await settle()  # the watch runs as a done callback of the cancelled future
     assert engine.aborts == []
     engine.stop.set()
     assert (await asyncio.wait_for(wanted, 5)).text == "clip 2.00"
@@ -417,58 +506,6 @@ async def test_a_call_someone_still_waits_for_is_not_aborted() -> None:
 
 
 # -- Stopping, supervision, call timeouts, health (issue 8) -------------------------------------------
-
-
-class GatedEngine(FakeEngine):
-    """Each call waits until ``gate`` opens (a model stuck on a call); ``entered`` is set once it is in.
-
-    The wait is bounded (``scaled(10)`` s) so that a test of a defect fails instead of hanging.
-    """
-
-    def __init__(self, *, workers: int = 1) -> None:
-        super().__init__()
-        self._info = replace(self._info, max_concurrent_calls=workers)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.returned = threading.Event()
-
-    def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
-        self.entered.set()
-        try:
-            self.gate.wait(scaled(10))
-            return super().transcribe(requests)
-        finally:
-            self.returned.set()
-
-
-class PoisonRequest(TranscribeRequest):
-    """A request that breaks batch assembly (a bug outside the engine call), as a stand-in for any."""
-
-    @property
-    def batch_key(self) -> tuple[str, bool]:
-        raise RuntimeError("batch assembly bug")
-
-
-class ManualClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def in_thread(event: threading.Event) -> bool:
-    """Wait for a threading.Event off the loop (bounded)."""
-    return await asyncio.get_running_loop().run_in_executor(None, event.wait, scaled(5))
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Yield to the loop until ``predicate`` holds (bounded: the test fails rather than hangs)."""
-    async with timeout(scaled(5)):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 async def test_stop_wakes_finals_waiting_for_room_with_batcher_closed() -> None:
@@ -480,8 +517,7 @@ async def test_stop_wakes_finals_waiting_for_room_with_batcher_closed() -> None:
     bulk = asyncio.ensure_future(batcher.submit_final(req(0.2), bulk=True))  # (bulk ones do not count)
     await until(lambda: batcher.queue_depth == 2)
     waiting = asyncio.ensure_future(batcher.submit_final(req(0.3)))
-    for _ in range(5):
-        await asyncio.sleep(0)  # it is waiting for room now
+    await settle()  # it is waiting for room now
     assert not waiting.done() and batcher.busy_workers == 0
     await asyncio.wait_for(batcher.stop(), scaled(5))
     outcomes = await asyncio.wait_for(asyncio.gather(first, bulk, waiting, return_exceptions=True), scaled(5))
@@ -496,8 +532,7 @@ async def test_stop_keeps_the_event_loop_running_while_a_call_finishes() -> None
     running = asyncio.ensure_future(batcher.submit_final(req(0.1)))
     assert await in_thread(engine.entered)
     stopping = asyncio.ensure_future(batcher.stop())
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await settle()
     # With a blocked loop this line would run only after the gate's own timeout let the call end.
     assert not engine.returned.is_set(), "the loop ran while the call was still in progress"
     assert not stopping.done(), "stop waits for the call in progress"

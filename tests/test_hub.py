@@ -30,6 +30,8 @@ from stream_server.engines.hub import (
 from stream_server.engines.loader import load_engine
 from stream_server.errors import EngineError, ModelDownloadError
 
+from .conftest import scaled
+
 CACHE_ENV = ("MODELSCOPE_CACHE", "MS_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME", "HF_ENDPOINT")
 
 
@@ -229,7 +231,7 @@ def test_http_probe_gives_up_at_its_deadline_on_a_silent_server(monkeypatch: pyt
     finally:
         silent.close()
     assert error is not None and ("0.3" in error or "timed out" in error)
-    assert took_s < 1.5
+    assert took_s < scaled(1.5)
 
 
 def test_http_probe_reports_a_refused_connection_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +244,7 @@ def test_http_probe_reports_a_refused_connection_quickly(monkeypatch: pytest.Mon
     started_s = time.monotonic()
     error = http_probe("hf", 3.0)
     assert error is not None and "refused" in error.lower()
-    assert time.monotonic() - started_s < 2.0
+    assert time.monotonic() - started_s < scaled(2.0)
 
 
 # -- download_model ----------------------------------------------------------------------------------

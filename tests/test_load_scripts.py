@@ -54,14 +54,26 @@ def test_latency_script_measures_every_segment_and_the_wer() -> None:
 
 
 def test_capacity_script_sweeps_and_reruns_half_load() -> None:
-    """capacity.py prints a row per N, the capacity line and the half-load percentiles."""
-    out = run_script("capacity.py", "--model", "tiny.en", "--dtype", "auto", "--interim", "--target-s", "5")
-    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.MULTILINE)
-    assert [int(r[0]) for r in rows][:2] == [1, 2], out
+    """capacity.py prints a row per N, the capacity line that follows from those rows, and the half-load
+    percentiles. (What N this machine holds is a measurement, not something to assert: the target is
+    set far above any latency a working server has, and the line is checked against the rows.)"""
+    target_s = scaled(30)
+    out = run_script(
+        "capacity.py", "--model", "tiny.en", "--dtype", "auto", "--interim", "--target-s", f"{target_s:g}"
+    )
+    sweep = out.split("capacity: largest N")[0]  # the half-load row comes after
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", sweep, re.MULTILINE)
+    assert [int(r[0]) for r in rows] == [1, 2], out
     for _, segs, p50, p95, p99 in rows:
-        assert int(segs) >= 1 and 0 < float(p50) <= float(p95) <= float(p99) < scaled(5), out
-    assert number(r"largest N with p95 final latency < 5 s: (\d+)", out) == 2
-    assert "half load, N=1" in out
+        assert int(segs) >= 1 and 0 < float(p50) <= float(p95) <= float(p99), out
+    best = 0
+    for n, _, _, p95, _ in rows:  # the largest N before the first over the target or with errors
+        if float(p95) >= target_s or f"errors at N={n}:" in out:
+            break
+        best = int(n)
+    assert best >= 1, out
+    assert number(rf"largest N with p95 final latency < {target_s:g} s: (\d+)", out) == best
+    assert f"half load, N={max(1, best // 2)}:" in out
     assert number(r"final latency \(s\):\s+n=(\d+)", out) >= 1
     assert number(r"interim latency \(s\):\s+n=(\d+)", out) >= 1
 

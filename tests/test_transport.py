@@ -239,12 +239,13 @@ async def test_oversized_frame_is_refused_with_1009() -> None:
 
 async def test_idle_stream_is_closed_after_timeout() -> None:
     """A stream that sends nothing is told IDLE_TIMEOUT and closed with 1008; KeepAlive prevents it."""
-    config = Config(limits=LimitsConfig(idle_timeout_s=0.3))
+    idle_s = scaled(0.5)
+    config = Config(limits=LimitsConfig(idle_timeout_s=idle_s))
     async with running_server(FakeEngine(), config) as (_, url):
         async with connect(f"{url}/v1/listen") as ws:
-            for _ in range(4):
+            for _ in range(6):  # 1.2 idle timeouts in all, a fifth of one apart (a margin for a busy box)
                 await ws.send('{"type": "KeepAlive"}')
-                await asyncio.sleep(0.15)
+                await asyncio.sleep(idle_s / 5)
             assert ws.close_code is None, "KeepAlive keeps the stream open"
             result = await collect(ws, timeout_s=5)
     assert result.close_code == 1008
@@ -440,7 +441,11 @@ async def test_drain_finalizes_open_streams_and_closes_1001() -> None:
     async with running_server(FakeEngine()) as (server, url):
         async with connect(f"{url}/v1/listen") as ws:
             await ws.send(pcm16(np.concatenate([silence(300), tone(1000)])))
-            await asyncio.sleep(0.1)
+            deadline = time.monotonic() + scaled(5)  # the server has read all of it (no fixed sleep)
+            while time.monotonic() < deadline and not any(
+                c.session.audio_duration_s >= 1.3 for c in server.connections
+            ):
+                await asyncio.sleep(0.01)
             reader = asyncio.ensure_future(collect(ws))
             await server.drain(scaled(5))
             result = await reader
