@@ -457,7 +457,7 @@ class AbortableFake(FakeEngine):
     def transcribe(self, requests: Sequence[TranscribeRequest]) -> list[Transcript]:
         self.started.set()
         if requests[0].audio[0] == np.float32(0.9):  # the slow kind: waits to be released or aborted
-            if not self.stop.wait(10):
+            if not self.stop.wait(scaled(10)):
                 raise AssertionError("neither released nor aborted")
             if self.aborts:
                 raise CallAborted("aborted")
@@ -478,9 +478,9 @@ async def test_a_running_call_nobody_wants_is_aborted_and_reported_as_such() -> 
     batcher.start()
     speculative = batcher.submit_speculative(req(2.0, marker=0.9))
     assert speculative is not None
-    await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+    await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, scaled(5))
     speculative.cancel()
-    final = await asyncio.wait_for(batcher.submit_final(req(1.0)), 5)
+    final = await asyncio.wait_for(batcher.submit_final(req(1.0)), scaled(5))
     await batcher.stop()
     assert final.text == "clip 1.00" and engine.aborts == [1]
     aborted = [r for r in reports if r.aborted]
@@ -494,14 +494,14 @@ async def test_a_call_someone_still_waits_for_is_not_aborted() -> None:
     batcher = Batcher(engine, BatchConfig(max_batch_size=1, max_wait_ms=0))
     batcher.start()
     wanted = asyncio.ensure_future(batcher.submit_final(req(2.0, marker=0.9)))
-    await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+    await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, scaled(5))
     other = batcher.submit_speculative(req(1.0, marker=0.2))
     assert other is not None
     other.cancel()
     await settle()  # the watch runs as a done callback of the cancelled future
     assert engine.aborts == []
     engine.stop.set()
-    assert (await asyncio.wait_for(wanted, 5)).text == "clip 2.00"
+    assert (await asyncio.wait_for(wanted, scaled(5))).text == "clip 2.00"
     await batcher.stop()
 
 
