@@ -28,7 +28,7 @@ find_python() { # $1 = "3.10": a working python3.10 on PATH, else the newest pye
 main_version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 if [ -z "${STREAM_SERVER_PYTHONS+set}" ]; then
   STREAM_SERVER_PYTHONS="$(grep -oE 'Python :: 3\.[0-9]+' pyproject.toml | cut -d' ' -f3 |
-    grep -vx "$main_version" | tr '\n' ' ')"
+    { grep -vx "$main_version" || true; } | tr '\n' ' ')"
 fi
 declare -A other_python=()
 for version in $STREAM_SERVER_PYTHONS; do
