@@ -34,6 +34,9 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 # happens first may depend on timing). Values outside these (a new refusal reason...) still work; they
 # appear on first use. tests/test_metrics.py checks that the transport uses no literal left out here.
 KINDS = ("final", "interim")
+"""Queues."""
+BATCH_KINDS = ("final", "speculative", "interim")
+"""Engine calls: a batch of speculative finals only is ``speculative`` (it may be wasted), not ``final``."""
 SPECULATION_OUTCOMES = ("used", "wasted", "refused")
 REJECTION_REASONS = (
     "draining",
@@ -235,8 +238,9 @@ class Metrics:
         )
 
         for kind in KINDS:
+            self.queue_depth.labels(kind)
+        for kind in BATCH_KINDS:
             for per_kind in (
-                self.queue_depth,
                 self.batch_size,
                 self.inference_seconds,
                 self.queue_wait_seconds,
@@ -253,7 +257,12 @@ class Metrics:
         self.registry.register(GpuMemoryCollector(device_index))
 
     def record_batch(self, report: BatchReport) -> None:
-        kind = "interim" if report.interim else "final"
+        if report.interim:
+            kind = "interim"
+        elif report.size and report.speculative == report.size:
+            kind = "speculative"
+        else:
+            kind = "final"
         self.engine_busy_seconds.labels(kind).inc(report.inference_s)
         self.batch_size.labels(kind).observe(report.size)
         self.inference_seconds.labels(kind).observe(report.inference_s)

@@ -397,7 +397,8 @@ class Server:
 
     def _on_batch(self, report: BatchReport) -> None:
         self.metrics.record_batch(report)
-        if self.capacity is not None:
+        # A timed-out call's time is how long a hung engine held the worker, not a speed to fit.
+        if self.capacity is not None and not report.timed_out:
             self.capacity.observe_call(
                 time.monotonic(),
                 audio_s=report.audio_s,
