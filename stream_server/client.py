@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import bisect
 import json
+import os
 import struct
 import sys
 import time
@@ -148,6 +149,7 @@ async def stream_audio(
     params: dict[str, Any] | None = None,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float = 600.0,
+    api_key: str | None = None,
 ) -> StreamReport:
     """Stream mono 16-bit audio to ``url`` and collect every message until the server closes.
 
@@ -158,6 +160,8 @@ async def stream_audio(
         speed: times real time; 0 sends as fast as the server takes it.
         chunk_ms: audio per WebSocket frame.
         params: more query parameters (``interim_results``, ``language``...).
+        api_key: sent as ``Authorization: Token KEY`` (Deepgram's header) when given; a grant token
+            (it has dots) goes as ``Authorization: Bearer TOKEN``.
         on_message: called with each message as it arrives.
         timeout_s: give up after this long.
 
@@ -184,7 +188,10 @@ async def stream_audio(
 
     started = time.monotonic()
     async with timeout(timeout_s):
-        async with connect(listen_url(url, query), max_size=None) as ws:
+        headers = {}
+        if api_key:
+            headers["Authorization"] = f"{'Bearer' if '.' in api_key else 'Token'} {api_key}"
+        async with connect(listen_url(url, query), max_size=None, additional_headers=headers) as ws:
 
             async def receive() -> None:
                 try:
@@ -246,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--param", action="append", default=[], metavar="K=V", help="any other query parameter"
     )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("STREAM_SERVER_API_KEY") or None,
+        help="an API key of the server (or a grant token) [env STREAM_SERVER_API_KEY]",
+    )
     return parser
 
 
@@ -290,7 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = asyncio.run(
             stream_audio(
-                args.url, pcm, rate, speed=args.speed, chunk_ms=args.chunk_ms, params=params, on_message=show
+                args.url,
+                pcm,
+                rate,
+                speed=args.speed,
+                chunk_ms=args.chunk_ms,
+                params=params,
+                on_message=show,
+                api_key=args.api_key,
             )
         )
     except asyncio.TimeoutError:  # before OSError: from Python 3.11 the builtin TimeoutError is one

@@ -123,6 +123,26 @@ async def test_cli_reports_refused_handshake(tmp_path: Path, capsys: pytest.Capt
     assert "UNSUPPORTED_LANGUAGE" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
+async def test_cli_sends_its_api_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a server with keys, the CLI without a key is refused with AUTH_REQUIRED, with --api-key it
+    streams."""
+    from dataclasses import replace
+
+    from stream_server.config import AuthConfig, Config
+
+    key = "cli-key-0123456789abcdef"
+    path = write_wav(tmp_path / "t.wav", np.concatenate([silence(300), tone(900), silence(800)]), 16000)
+    config = replace(Config(), auth=AuthConfig(api_keys=(key,)))
+    async with running_server(FakeEngine(), config) as (_, url):
+        refused = await asyncio.to_thread(main, [str(path), "--url", f"{url}/v1/listen", "--speed", "0"])
+        assert refused == 1 and "AUTH_REQUIRED" in capsys.readouterr().err
+        code = await asyncio.to_thread(
+            main, [str(path), "--url", f"{url}/v1/listen", "--speed", "0", "--api-key", key]
+        )
+    assert code == 0 and "clip" in capsys.readouterr().out
+
+
 def test_cli_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A missing file is a clear error with exit code 2, before any connection."""
     assert main([str(tmp_path / "missing.wav")]) == 2
