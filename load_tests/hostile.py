@@ -16,7 +16,9 @@ three phases of ``--seconds`` each:
    - ``finalize_spam``: real-time audio with a ``Finalize`` after every 20 ms frame;
    - ``churn``: connects and disconnects as fast as it can;
 
-3. **after**: nothing runs for ``--settle-s``; then the server's file descriptors, event-loop tasks
+   the honest sessions connect first: the attack starts two seconds into the phase;
+
+3. **after**: nothing runs for ``--settle-s`` (also the pause between phases 1 and 2); then the server's file descriptors, event-loop tasks
    and RSS are compared with the baseline taken before phase 1.
 
 Prints, per phase, the honest sessions' end-of-speech-to-final latency (p50/p95), WER (on the
@@ -281,7 +283,15 @@ async def honest_phase(
         )
         for i, m in enumerate(materials)
     ]
-    attack = hostiles.run(each) if hostiles is not None else []
+    attack: list[asyncio.Task[None]] = []
+    if hostiles is not None:
+        # The honest sessions are streaming first (an attack on users already connected); the
+        # hostile clients begin two seconds later and stop with the phase.
+        async def later() -> None:
+            await asyncio.sleep(2.0)
+            attack.extend(hostiles.run(each))
+
+        starter = asyncio.ensure_future(later())
 
     async def sample() -> None:
         while time.monotonic() < t0 + seconds:
@@ -292,6 +302,8 @@ async def honest_phase(
     sampler = asyncio.ensure_future(sample())
     results = await asyncio.gather(*honest)
     sampler.cancel()
+    if hostiles is not None:
+        await starter
     for task in attack:
         with contextlib.suppress(Exception):
             await task
@@ -368,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f" baseline: {baseline.line()}")
         alone, snaps = asyncio.run(honest_phase(server, materials, args.seconds, None, 0))
         report("alone", alone, snaps)
+        time.sleep(args.settle_s)  # admission's measured load of phase 1 decays before phase 2
         audio = common.looped_pcm(materials[0], 0.0, 0, 16000 * 20).astype("<i2").tobytes()
         hostiles = Hostiles(server.port, time.monotonic() + args.seconds, audio)
         attacked, snaps = asyncio.run(

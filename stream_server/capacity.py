@@ -210,6 +210,7 @@ class CapacityModel:
         self.speed = speed or SpeedModel()
         self._streams: dict[Hashable, _Stream] = {}
         self._calls: deque[tuple[float, float, float]] = deque()  # (when, audio seconds, seconds)
+        self._last_close_s: float | None = None
         self._busy: deque[tuple[float, float]] = deque()  # (when it ended, seconds) of calls for finals
         self._latencies: deque[tuple[float, float]] = deque()  # (when, close -> final seconds)
         self._waits: deque[tuple[float, float]] = deque()  # (when, seconds a final call waited to start)
@@ -255,9 +256,11 @@ class CapacityModel:
         self._mark(now_s)
         self._streams[key] = _Stream(now_s)
 
-    def close(self, key: Hashable) -> None:
-        """A stream ended."""
-        self._streams.pop(key, None)
+    def close(self, key: Hashable, now_s: float | None = None) -> None:
+        """A stream ended (at ``now_s``: the busy time measured before then held its work, so it no
+        longer bounds what the streams still open use)."""
+        if self._streams.pop(key, None) is not None and now_s is not None:
+            self._last_close_s = now_s
 
     def observe_final(self, key: Hashable, now_s: float, audio_s: float) -> None:
         """A stream's segment of ``audio_s`` seconds was finalized."""
@@ -323,13 +326,16 @@ class CapacityModel:
             service_times_s=calls,
         )
 
-    def utilization(self, now_s: float) -> float:
+    def utilization(self, now_s: float, since_s: float | None = None) -> float:
         """Measured share of the servers' time in calls for finals (speculative ones included, wasted or
-        not) over the window: with one server, the share of time at least one call ran; with several,
-        the calls' seconds over the servers' time. 0 in the first second."""
+        not) over the window (or since ``since_s``, when later): with one server, the share of time at
+        least one call ran; with several, the calls' seconds over the servers' time. 0 in the first
+        second."""
         s = self.settings
         self._trim(self._busy, now_s)
         span = min(s.window_s, now_s - (self._started_s if self._started_s is not None else now_s))
+        if since_s is not None:
+            span = min(span, now_s - since_s)
         if span <= 1:
             return 0.0
         start = now_s - span
@@ -352,8 +358,12 @@ class CapacityModel:
         # What the open streams use: each one's finals (at least a typical stream), or what the servers
         # were measured to be busy with, when more (it also holds wasted speculation).
         demand = sum(self.stream_demand(key, now_s) for key in self._streams)
-        if self._streams and self._history_s(now_s) >= s.min_history_s:
-            demand = max(demand, utilization * s.workers)
+        # Only busy time since the last stream closed: before, the servers also worked for streams that
+        # are gone (right after a burst ends, that would refuse the next streams for a whole window).
+        since = self._last_close_s
+        measured_s = self._history_s(now_s) if since is None else now_s - since
+        if self._streams and measured_s >= s.min_history_s:
+            demand = max(demand, self.utilization(now_s, since) * s.workers)
         per_stream = max(typical, demand / len(self._streams)) if self._streams else typical
         rho_max = self.max_load(now_s)
         budget = rho_max * s.workers

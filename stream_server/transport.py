@@ -781,7 +781,7 @@ class Server:
             return
         self.connections.discard(conn)
         if self.capacity is not None:
-            self.capacity.close(conn)
+            self.capacity.close(conn, time.monotonic())
         self.fair.close(conn.client, conn.key_name)
         self.metrics.sessions_active.set(len(self.connections))
 

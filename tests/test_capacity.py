@@ -271,3 +271,21 @@ def test_measured_busy_time_counts_when_the_streams_finals_leave_it_out() -> Non
     busy = m.state(60.0)
     assert before.sessions_left >= 2 and before.demand < 0.1
     assert busy.demand == pytest.approx(0.5, abs=0.02) and busy.sessions_left < before.sessions_left
+
+
+def test_busy_time_of_streams_that_closed_does_not_refuse_the_next_ones() -> None:
+    """When busy streams close, the busy time they caused no longer counts against the streams that
+    open next (it did for a whole window: after a burst, the next streams were refused); once the
+    new streams have run min_history_s, the busy time since the close counts again."""
+    m = model()
+    m.open("a", 0.0)
+    for i in range(60):
+        m.observe_call(float(i) + 0.5, audio_s=16.0, seconds=0.5, size=1, interim=False)
+    busy = m.state(60.0)
+    m.close("a", 60.0)
+    m.open("b", 61.0)
+    fresh = m.state(61.0)
+    assert fresh.demand < busy.demand / 2 and fresh.sessions_left > busy.sessions_left
+    for i in range(61, 100):
+        m.observe_call(float(i) + 0.5, audio_s=16.0, seconds=0.5, size=1, interim=False)
+    assert m.state(100.0).demand == pytest.approx(0.5, abs=0.03)
