@@ -18,8 +18,9 @@ three phases of ``--seconds`` each:
 
    the honest sessions connect first: the attack starts two seconds into the phase;
 
-3. **after**: nothing runs for ``--settle-s`` (also the pause between phases 1 and 2); then the server's file descriptors, event-loop tasks
-   and RSS are compared with the baseline taken before phase 1.
+3. **after**: nothing runs for ``--settle-s`` (also the pause between phases 1 and 2); then the
+   server's file descriptors, event-loop tasks and RSS are compared with the baseline taken before
+   phase 1.
 
 Prints, per phase, the honest sessions' end-of-speech-to-final latency (p50/p95), WER (on the
 sessions whose material has a reference text), errors, and the server's fds/tasks/RSS; per hostile
