@@ -289,3 +289,17 @@ def test_busy_time_of_streams_that_closed_does_not_refuse_the_next_ones() -> Non
     for i in range(61, 100):
         m.observe_call(float(i) + 0.5, audio_s=16.0, seconds=0.5, size=1, interim=False)
     assert m.state(100.0).demand == pytest.approx(0.5, abs=0.03)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3, 0.8, 0.99, 1.0])
+def test_late_share_is_the_wait_tail_averaged_over_the_call_times(rho: float) -> None:
+    """The vectorized late share is the mean of wait_tail at budget minus each call time (calls longer
+    than the budget are late for sure), whatever the load."""
+    times = [0.05, 0.2, 0.31, 0.5, 0.79, 0.8, 1.2]
+    expected = sum(
+        wait_tail(workers=2, rho=rho, mean_service_s=0.3, service_cv2=0.5, t_s=0.8 - x) for x in times
+    ) / len(times)
+    got = late_share(
+        workers=2, rho=rho, mean_service_s=0.3, service_cv2=0.5, budget_s=0.8, service_times_s=times
+    )
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
