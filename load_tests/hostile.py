@@ -101,8 +101,16 @@ class Hostiles:
         self.audio = material_pcm
         self.tallies = {kind: Tally() for kind in KINDS}
 
-    async def _raw(self, address: str, query: str = "") -> RawClient:
-        return await RawClient.open("127.0.0.1", self.port, "/v1/listen" + query, local_addr=(address, 0))
+    async def _raw(self, address: str, tally: Tally, query: str = "", rcvbuf: int = 0) -> RawClient | None:
+        """An open stream from ``address``; None (the refusal tallied) when the handshake was refused."""
+        client = await RawClient.open(
+            "127.0.0.1", self.port, "/v1/listen" + query, local_addr=(address, 0), rcvbuf=rcvbuf
+        )
+        if client.status != 101:
+            tally.outcomes[f"HTTP {client.status}"] += 1
+            client.abort()
+            return None
+        return client
 
     async def _loop(self, kind: str, address: str, once: Callable[[str, Tally], Awaitable[None]]) -> None:
         tally = self.tallies[kind]
@@ -117,10 +125,8 @@ class Hostiles:
             await asyncio.sleep(0.05)
 
     async def keepalive(self, address: str, tally: Tally) -> None:
-        client = await self._raw(address)
-        if client.status != 101:
-            tally.outcomes[f"HTTP {client.status}"] += 1
-            client.abort()
+        client = await self._raw(address, tally)
+        if client is None:
             return
         started = time.monotonic()
         reading = asyncio.ensure_future(client.read_frames(self.end - started + 2))
@@ -133,12 +139,8 @@ class Hostiles:
         client.abort()
 
     async def non_reader(self, address: str, tally: Tally) -> None:
-        client = await RawClient.open(
-            "127.0.0.1", self.port, "/v1/listen?interim_results=true", local_addr=(address, 0), rcvbuf=4096
-        )
-        if client.status != 101:
-            tally.outcomes[f"HTTP {client.status}"] += 1
-            client.abort()
+        client = await self._raw(address, tally, "?interim_results=true", rcvbuf=4096)
+        if client is None:
             return
         started = time.monotonic()
         position = 0
@@ -179,20 +181,16 @@ class Hostiles:
             writer.transport.abort()
 
     async def garbage(self, address: str, tally: Tally) -> None:
-        client = await self._raw(address)
-        if client.status != 101:
-            tally.outcomes[f"HTTP {client.status}"] += 1
-            client.abort()
+        client = await self._raw(address, tally)
+        if client is None:
             return
         client.send(os.urandom(random.randint(16, 4096)))
         tally.outcomes[close_outcome(await client.read_frames(10))] += 1
         client.abort()
 
     async def oversized(self, address: str, tally: Tally) -> None:
-        client = await self._raw(address)
-        if client.status != 101:
-            tally.outcomes[f"HTTP {client.status}"] += 1
-            client.abort()
+        client = await self._raw(address, tally)
+        if client is None:
             return
         client.send(frame(OP_BINARY, self.audio[:32000]))
         client.send(frame_header_claiming(OP_BINARY, 1 << 30) + os.urandom(65536))
@@ -200,10 +198,8 @@ class Hostiles:
         client.abort()
 
     async def finalize_spam(self, address: str, tally: Tally) -> None:
-        client = await self._raw(address)
-        if client.status != 101:
-            tally.outcomes[f"HTTP {client.status}"] += 1
-            client.abort()
+        client = await self._raw(address, tally)
+        if client is None:
             return
         started = time.monotonic()
         reading = asyncio.ensure_future(client.read_frames(self.end - started + 10))
@@ -225,9 +221,10 @@ class Hostiles:
         client.abort()
 
     async def churn(self, address: str, tally: Tally) -> None:
-        client = await self._raw(address)
-        tally.outcomes[f"HTTP {client.status}"] += 1
-        client.abort()
+        client = await self._raw(address, tally)  # a refusal is tallied there
+        if client is not None:
+            tally.outcomes["HTTP 101"] += 1
+            client.abort()
 
     def run(self, each: int) -> list[asyncio.Task[None]]:
         tasks = []
