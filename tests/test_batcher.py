@@ -481,6 +481,12 @@ async def test_a_running_call_nobody_wants_is_aborted_and_reported_as_such() -> 
     await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, scaled(5))
     speculative.cancel()
     final = await asyncio.wait_for(batcher.submit_final(req(1.0)), scaled(5))
+    # The final may be served (by the second worker) before the aborted call's thread has returned:
+    # stop cancels a worker still waiting for its call, so wait (bounded) for the aborted call's report.
+    for _ in range(200):
+        if any(r.aborted for r in reports):
+            break
+        await asyncio.sleep(scaled(0.025))
     await batcher.stop()
     assert final.text == "clip 1.00" and engine.aborts == [1]
     aborted = [r for r in reports if r.aborted]
