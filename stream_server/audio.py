@@ -49,25 +49,31 @@ ALAW_TO_FLOAT = _alaw_table()
 
 
 class AudioDecoder:
-    """Turns a client's byte stream into 16 kHz mono float32 samples.
+    """Turns a client's byte stream into 16 kHz float32 samples: mono, or one column per channel.
 
     Args:
         encoding: ``linear16``, ``mulaw`` or ``alaw``.
         sample_rate_hz: the client's rate; anything but 16000 is resampled (soxr, high quality).
-        channels: interleaved channels; more than one is averaged to mono.
+        channels: interleaved channels; without ``demultiplex`` more than one is averaged to mono.
+        demultiplex: keep the channels apart: :meth:`decode` and :meth:`flush` return an array of shape
+            ``(samples, channels)`` (each channel resampled on its own) instead of a mono one.
     """
 
-    def __init__(self, encoding: Encoding, sample_rate_hz: int, channels: int = 1) -> None:
+    def __init__(
+        self, encoding: Encoding, sample_rate_hz: int, channels: int = 1, *, demultiplex: bool = False
+    ) -> None:
         self.encoding = encoding
         self.sample_rate_hz = sample_rate_hz
         self.channels = channels
+        self.demultiplex = demultiplex
+        self._out_channels = channels if demultiplex else 1
         self.bytes_per_sample = 2 if encoding == "linear16" else 1
         self.bytes_per_frame = self.bytes_per_sample * channels
         self._pending = b""
         self._resampler: soxr.ResampleStream | None = None
         if sample_rate_hz != SAMPLE_RATE_HZ:
             self._resampler = soxr.ResampleStream(
-                sample_rate_hz, SAMPLE_RATE_HZ, 1, dtype="float32", quality="HQ"
+                sample_rate_hz, SAMPLE_RATE_HZ, self._out_channels, dtype="float32", quality="HQ"
             )
         self.input_frames = 0
         """PCM frames (one sample per channel) received so far, at the client's rate."""
@@ -88,14 +94,15 @@ class AudioDecoder:
             data: any number of bytes; an incomplete trailing sample is kept for the next call.
 
         Returns:
-            Mono float32 samples at 16 kHz (possibly empty: the resampler holds a few ms back).
+            Float32 samples at 16 kHz (possibly none: the resampler holds a few ms back): mono, or of
+            shape ``(samples, channels)`` when demultiplexing.
         """
         if self._pending:
             data = self._pending + data
         usable = len(data) - len(data) % self.bytes_per_frame
         self._pending = data[usable:]
         if usable == 0:
-            return np.zeros(0, dtype=np.float32)
+            return self._empty()
         raw = data[:usable] if usable != len(data) else data
         if self.encoding == "linear16":
             samples = np.frombuffer(raw, dtype="<i2").astype(np.float32) * (1.0 / 32768.0)
@@ -103,7 +110,9 @@ class AudioDecoder:
             samples = MULAW_TO_FLOAT[np.frombuffer(raw, dtype=np.uint8)]
         else:
             samples = ALAW_TO_FLOAT[np.frombuffer(raw, dtype=np.uint8)]
-        if self.channels > 1:
+        if self.demultiplex:
+            samples = samples.reshape(-1, self.channels)
+        elif self.channels > 1:
             samples = samples.reshape(-1, self.channels).mean(axis=1, dtype=np.float32)
         self.input_frames += len(samples)
         if self._resampler is not None:
@@ -114,12 +123,15 @@ class AudioDecoder:
         """End of stream: return what the resampler still holds (the dangling partial sample is dropped;
         ``pending_bytes`` says how many bytes that was so the caller can report it)."""
         if self._resampler is None:
-            return np.zeros(0, dtype=np.float32)
-        tail = np.asarray(
-            self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True), dtype=np.float32
-        )
+            return self._empty()
+        tail = np.asarray(self._resampler.resample_chunk(self._empty(), last=True), dtype=np.float32)
         self._resampler = None
         return tail
+
+    def _empty(self) -> FloatArray:
+        if self.demultiplex:
+            return np.zeros((0, self.channels), dtype=np.float32)
+        return np.zeros(0, dtype=np.float32)
 
 
 def float_to_int16(samples: FloatArray) -> npt.NDArray[np.int16]:

@@ -160,9 +160,10 @@ class CapacityState:
     """What :meth:`CapacityModel.state` reports (``/health``, ``/metrics``, the admission decision).
 
     Attributes:
-        sessions: streams open.
-        capacity_sessions: typical streams the server can hold at the target (open ones included).
-        sessions_left: typical streams it can still admit.
+        sessions: streams open, counted in transcribed channels (an N-channel stream counts N).
+        capacity_sessions: typical (one-channel) streams the server can hold at the target (open ones
+            included).
+        sessions_left: typical streams it can still admit (an N-channel stream needs N).
         load: the open streams' demand as a share of ``max_load`` (1.0 = at capacity).
         demand: the open streams' demand in worker-seconds per second.
         max_load: ``ρ_max``, the utilization at which finals still meet the target.
@@ -189,10 +190,11 @@ class CapacityState:
 
 
 class _Stream:
-    __slots__ = ("finals", "opened_s")
+    __slots__ = ("finals", "opened_s", "weight")
 
-    def __init__(self, opened_s: float) -> None:
+    def __init__(self, opened_s: float, weight: int = 1) -> None:
         self.opened_s = opened_s
+        self.weight = weight  # channels transcribed: an N-channel stream is N streams of load
         self.finals: deque[tuple[float, float]] = deque()  # (when, audio seconds)
 
 
@@ -254,10 +256,11 @@ class CapacityModel:
         """A final left: ``seconds`` from its segment's close."""
         self._latencies.append((now_s, seconds))
 
-    def open(self, key: Hashable, now_s: float) -> None:
-        """A stream was admitted."""
+    def open(self, key: Hashable, now_s: float, weight: int = 1) -> None:
+        """A stream was admitted; ``weight``: the channels it transcribes (each one is a typical
+        stream's worth of load)."""
         self._mark(now_s)
-        self._streams[key] = _Stream(now_s)
+        self._streams[key] = _Stream(now_s, weight)
 
     def close(self, key: Hashable, now_s: float | None = None) -> None:
         """A stream ended (at ``now_s``: the busy time measured before then held its work, so it no
@@ -287,6 +290,7 @@ class CapacityModel:
         typical = self.typical_demand()
         if stream is None:
             return typical
+        typical *= stream.weight
         self._trim(stream.finals, now_s)
         age_s = now_s - stream.opened_s
         if age_s < self.settings.min_history_s or not stream.finals:
@@ -359,8 +363,9 @@ class CapacityModel:
                 reach = end
         return min(1.0, busy / span)
 
-    def state(self, now_s: float) -> CapacityState:
-        """Everything admission and the endpoints report, now."""
+    def state(self, now_s: float, weight: int = 1) -> CapacityState:
+        """Everything admission and the endpoints report, now, for admitting a stream of ``weight``
+        channels (``accepting`` only when that many typical streams still fit)."""
         s = self.settings
         typical = self.typical_demand()
         utilization = self.utilization(now_s)
@@ -373,7 +378,8 @@ class CapacityModel:
         measured_s = self._history_s(now_s) if since is None else now_s - since
         if self._streams and measured_s >= s.min_history_s:
             demand = max(demand, self.utilization(now_s, since) * s.workers)
-        per_stream = max(typical, demand / len(self._streams)) if self._streams else typical
+        open_weight = sum(stream.weight for stream in self._streams.values())
+        per_stream = max(typical, demand / open_weight) if self._streams else typical
         rho_max = self.max_load(now_s)
         budget = rho_max * s.workers
         if per_stream > 0:
@@ -381,21 +387,23 @@ class CapacityModel:
             left = max(0, int((budget - demand) / per_stream + 1e-9))
         else:  # not calibrated: nothing known, nothing refused
             capacity, left = 1_000_000, 1_000_000
-        if not self._streams and left < 1:
-            left = 1  # one stream is always served, even when the target is out of reach
+        if not self._streams and left < weight:
+            left = weight  # one stream is always served, even when the target is out of reach
         p95 = self.final_p95(now_s)
         wait_p95 = self._p95(self._waits, now_s)
         wait_budget = self.wait_budget_s(now_s)
         reason = ""
-        if left < 1:
+        if left < weight:
             reason = f"the open streams use {demand:.2f} of {budget:.2f} worker-seconds per second"
+            if weight > 1:
+                reason += f" (room for {left} channel(s), {weight} asked)"
         elif wait_p95 is not None and wait_p95 > wait_budget and self._streams:
             reason = (
                 f"finals wait too long for the model: p95 {wait_p95:.2f} s (budget {wait_budget:.2f} s; "
                 f"p95 from segment close to final {p95 if p95 is not None else math.nan:.2f} s)"
             )
         return CapacityState(
-            sessions=len(self._streams),
+            sessions=open_weight,
             capacity_sessions=capacity,
             sessions_left=left if not reason else 0,
             load=demand / budget if budget > 0 else math.inf,

@@ -30,6 +30,8 @@ MIN_ENDPOINTING_MS = 10
 MAX_ENDPOINTING_MS = 10000
 MIN_UTTERANCE_END_MS = 1000
 MAX_UTTERANCE_END_MS = 60000
+MAX_CHANNELS = 20
+"""Channels in one stream (Deepgram's limit); each transcribed channel has its own segments and VAD."""
 
 # Deepgram parameters that this server accepts and ignores (README, "Protocol: parameters"): clients
 # written for Deepgram send them routinely, and refusing them would break drop-in use. They are listed
@@ -110,7 +112,10 @@ class StreamOptions:
     Attributes:
         encoding: ``linear16`` (little-endian signed 16-bit), ``mulaw`` or ``alaw`` (8-bit G.711).
         sample_rate_hz: the client's sample rate, 8000..48000; resampled to 16 kHz server-side.
-        channels: interleaved channels in the audio; only 1 is supported in this version.
+        channels: interleaved channels in the audio (1..``MAX_CHANNELS``); without ``multichannel`` they
+            are mixed down to one.
+        multichannel: transcribe each channel on its own (its own segments, endpointing and finals,
+            ``channel_index: [i, N]`` on its Results), as Deepgram's ``multichannel=true``.
         interim_results: send ``is_final=false`` Results while a segment is still open.
         endpointing_ms: trailing silence that ends a segment (``speech_final=true``), or None when the
             client sent ``endpointing=false``; None also when not given (the server default applies).
@@ -126,6 +131,7 @@ class StreamOptions:
     encoding: Encoding = "linear16"
     sample_rate_hz: int = 16000
     channels: int = 1
+    multichannel: bool = False
     interim_results: bool = False
     endpointing_ms: int | None = None
     endpointing_disabled: bool = False
@@ -144,6 +150,12 @@ class StreamOptions:
     def bytes_per_frame(self) -> int:
         """Bytes in one sample of every channel (one PCM frame)."""
         return self.bytes_per_sample * self.channels
+
+    @property
+    def transcribed_channels(self) -> int:
+        """Channels transcribed on their own: ``channels`` with ``multichannel``, else 1 (mixed down).
+        Each one is a stream's worth of load for admission."""
+        return self.channels if self.multichannel else 1
 
 
 def _one(query: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -245,14 +257,15 @@ def parse_options(
     sample_rate = _int(query, "sample_rate", MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ)
     if sample_rate is None:
         sample_rate = 8000 if encoding in ("mulaw", "alaw") else 16000
-    channels = _int(query, "channels", 1, 32) or 1
-    if channels != 1:
+    raw_channels = _one(query, "channels")
+    if raw_channels is not None and raw_channels.strip().isdigit() and int(raw_channels) > MAX_CHANNELS:
         raise BadRequest(
             "UNSUPPORTED_CHANNELS",
-            f"channels={channels} is not supported yet; send mono audio (channels=1).",
+            f"channels={int(raw_channels)} is more than this server takes in one stream ({MAX_CHANNELS}); "
+            "split the channels over several streams.",
         )
-    if _bool(query, "multichannel", False):
-        raise BadRequest("UNSUPPORTED_CHANNELS", "multichannel=true is not supported yet; send mono audio.")
+    channels = _int(query, "channels", 1, MAX_CHANNELS) or 1
+    multichannel = _bool(query, "multichannel", False)
 
     endpointing_raw = _one(query, "endpointing")
     endpointing_ms: int | None = None
@@ -274,6 +287,7 @@ def parse_options(
         encoding=encoding,  # checked against ENCODINGS above
         sample_rate_hz=sample_rate,
         channels=channels,
+        multichannel=multichannel,
         interim_results=_bool(query, "interim_results", False),
         endpointing_ms=endpointing_ms,
         endpointing_disabled=endpointing_disabled,
@@ -297,7 +311,13 @@ class KeepAlive:
 
 @dataclass(frozen=True)
 class Finalize:
-    """End the open segment now; its final Results carries ``from_finalize=true``."""
+    """End the open segment now; its final Results carries ``from_finalize=true``.
+
+    Attributes:
+        channel: the only channel to finalize (a multichannel stream), or None for every channel.
+    """
+
+    channel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -345,13 +365,13 @@ def parse_client_message(text: str) -> ClientMessage:
     if kind == "KeepAlive":
         return KeepAlive()
     if kind == "Finalize":
-        channel = payload.get("channel", 0)
-        if channel != 0:
+        channel = payload.get("channel")
+        if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
             raise ProtocolViolation(
                 "INVALID_MESSAGE",
-                f"Finalize channel {channel!r} does not exist; this stream has channel 0 only.",
+                f"Finalize's channel must be a channel number (0, 1, ...), not {str(channel)[:40]!r}.",
             )
-        return Finalize()
+        return Finalize(channel)
     if kind == "CloseStream":
         return CloseStream()
     raise ProtocolViolation(
@@ -418,6 +438,7 @@ class Results:
     emotion: str | None = None
     audio_event: str | None = None
     segment_id: int = 0
+    channel_index: tuple[int, int] = (0, 1)
 
     def to_json(self) -> dict[str, Any]:
         alternative: dict[str, Any] = {
@@ -429,7 +450,7 @@ class Results:
             alternative["languages"] = [self.language]
         return {
             "type": "Results",
-            "channel_index": [0, 1],
+            "channel_index": list(self.channel_index),
             "duration": round(self.duration_s, 3),
             "start": round(self.start_s, 3),
             "is_final": self.is_final,
@@ -458,22 +479,33 @@ class Results:
 
 @dataclass(frozen=True)
 class SpeechStarted:
-    """The VAD heard speech begin at ``timestamp_s`` (sent when ``vad_events=true``)."""
+    """The VAD heard speech begin at ``timestamp_s`` (sent when ``vad_events=true``); ``channel``
+    is sent as ``[i]`` (Deepgram's shape for mono, ``[0]``)."""
 
     timestamp_s: float
+    channel_index: tuple[int, int] = (0, 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "SpeechStarted", "channel": [0], "timestamp": round(self.timestamp_s, 3)}
+        return {
+            "type": "SpeechStarted",
+            "channel": [self.channel_index[0]],
+            "timestamp": round(self.timestamp_s, 3),
+        }
 
 
 @dataclass(frozen=True)
 class UtteranceEnd:
-    """No speech for ``utterance_end_ms`` after the last finalized word (sent when asked)."""
+    """No speech for ``utterance_end_ms`` after the last finalized word of a channel (sent when asked)."""
 
     last_word_end_s: float
+    channel_index: tuple[int, int] = (0, 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(self.last_word_end_s, 3)}
+        return {
+            "type": "UtteranceEnd",
+            "channel": list(self.channel_index),
+            "last_word_end": round(self.last_word_end_s, 3),
+        }
 
 
 @dataclass(frozen=True)
@@ -526,6 +558,8 @@ class Error:
             transcribed), else None.
         segment_id: the segment that error ends in place of its final (as ``Results.segment_id``),
             else None.
+        channel_index: with ``segment_id``, the segment's channel ``(i, N)`` (sent as
+            ``channel_index``), else None.
     """
 
     code: str
@@ -534,6 +568,7 @@ class Error:
     start_s: float | None = None
     duration_s: float | None = None
     segment_id: int | None = None
+    channel_index: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -549,6 +584,8 @@ class Error:
             payload["duration"] = round(self.duration_s, 3)
         if self.segment_id is not None:
             payload["segment_id"] = self.segment_id
+        if self.channel_index is not None:
+            payload["channel_index"] = list(self.channel_index)
         return payload
 
 

@@ -45,7 +45,7 @@ from .errors import AuthError, BadRequest, BatcherClosed, InterimSkipped
 from .limits import FairShare, client_address, parse_networks
 from .metrics import Metrics
 from .protocol import AUTH_PARAMS, Error, ModelInfo, Results, StreamOptions, parse_options, serialize
-from .session import Job, JobKind, Session, SessionIdentity, SessionSettings
+from .session import Job, JobKind, SegmentKey, Session, SessionIdentity, SessionSettings
 from .spool import BINARY, OVERSIZED, TEXT, Spool
 from .vad import FrameVad, MinSpeechRun, NoiseGate, WebRtcVad
 
@@ -743,7 +743,7 @@ class Server:
         assert self.capacity is not None
         now = time.monotonic()
         if self.config.limits.admission:
-            state = self.capacity.state(now)
+            state = self.capacity.state(now, weight=options.transcribed_channels)
             if not state.accepting:
                 self.metrics.sessions_rejected.labels("capacity").inc()
                 logger.info("refused %s: at capacity: %s", request.remote, state.reason)
@@ -762,7 +762,7 @@ class Server:
         conn = _Connection(self, ws, session, request, client, key_name)
         # Counted before the first await, so simultaneous handshakes cannot all pass the checks above.
         self.connections.add(conn)
-        self.capacity.open(conn, now)
+        self.capacity.open(conn, now, weight=options.transcribed_channels)
         self.fair.open(client, key_name)
         self.metrics.sessions_active.set(len(self.connections))
         try:
@@ -807,7 +807,7 @@ class Server:
             max_finalize_per_s=self.config.limits.max_finalize_per_s,
             finalize_burst=self.config.limits.finalize_burst,
         )
-        return Session(options, settings, self._vad_factory(), identity)
+        return Session(options, settings, self._vad_factory(), identity, vad_factory=self._vad_factory)
 
 
 class _StreamSocket(web.WebSocketResponse):
@@ -862,7 +862,7 @@ class _Connection:
         self._held: tuple[int, bytes | str] | None = None  # the one message the spool could not take
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._closed_by_us = False
-        self._final_started: dict[int, float] = {}
+        self._final_started: dict[SegmentKey, float] = {}
         self._outcome = "client_closed"
         self._bytes_per_second = session.options.sample_rate_hz * session.options.bytes_per_frame
         self._opened_s = time.monotonic()
@@ -1025,8 +1025,8 @@ class _Connection:
 
     def _dispatch_jobs(self) -> None:
         now = time.monotonic()
-        for segment_id in self.session.segments_closed():
-            self._final_started[segment_id] = now
+        for key in self.session.segments_closed():
+            self._final_started[key] = now
         for job_id in self.session.jobs_to_cancel():
             task = self._tasks.pop(job_id, None)
             if task is not None:
@@ -1096,7 +1096,7 @@ class _Connection:
                         pass  # a Finalize that ended no segment: no final of a segment, no latency
                     elif event.is_final:
                         metrics.segments_finalized.inc()
-                        started = self._final_started.pop(event.segment_id, None)
+                        started = self._final_started.pop((event.channel_index[0], event.segment_id), None)
                         now = time.monotonic()
                         if started is not None:
                             metrics.final_latency_seconds.observe(now - started)
@@ -1110,8 +1110,9 @@ class _Connection:
                 elif isinstance(event, Error):
                     metrics.client_errors.labels(event.code).inc()
                     if event.segment_id is not None:  # the Error a segment ends in, instead of a final
+                        channel = event.channel_index[0] if event.channel_index is not None else 0
                         metrics.segment_errors.inc()
-                        self._final_started.pop(event.segment_id, None)
+                        self._final_started.pop((channel, event.segment_id), None)
                 if self.ws.closed or self._aborted:
                     break
                 if not await self._send(serialize(event)):

@@ -84,6 +84,7 @@ def make_session(
     max_client_errors: int = 16,
     max_session_s: float = 0.0,
     vad: FrameVad | None = None,
+    vad_factory: Callable[[], FrameVad] | None = None,
     max_finalize_per_s: float = 5.0,
     finalize_burst: int = 10,
 ) -> Session:
@@ -96,7 +97,17 @@ def make_session(
         max_finalize_per_s=max_finalize_per_s,
         finalize_burst=finalize_burst,
     )
-    return Session(options or StreamOptions(), settings, vad or EnergyVad(seg.frame_ms, -40.0), IDENTITY)
+
+    def energy_vad() -> FrameVad:
+        return EnergyVad(seg.frame_ms, -40.0)
+
+    return Session(
+        options or StreamOptions(),
+        settings,
+        vad or energy_vad(),
+        IDENTITY,
+        vad_factory=vad_factory or energy_vad,
+    )
 
 
 def describe(job: Job) -> Transcript:
@@ -157,18 +168,24 @@ class Driver:
 def check_segments(d: Driver) -> list[Results]:
     """Assert the session's promise about segments and return the finals that close one.
 
-    Every segment the session closed got exactly one final ``Results`` or one ``Error``; no
-    ``INTERNAL_ERROR``; finals start at or after 0, last longer than 0 and follow each other without
-    overlapping. Call it once, at the end (it drains ``segments_closed``).
+    Every segment the session closed got exactly one final ``Results`` or one ``Error`` on its channel;
+    no ``INTERNAL_ERROR``; a channel's finals start at or after 0, last longer than 0 and follow each
+    other without overlapping. Call it once, at the end (it drains ``segments_closed``).
     """
     closed = d.session.segments_closed()
     assert not [e for e in d.events if isinstance(e, Error) and e.code == "INTERNAL_ERROR"], d.events
     finals = [e for e in d.events if isinstance(e, Results) and e.is_final and e.segment_id]
-    failed = [e.segment_id for e in d.events if isinstance(e, Error) and e.segment_id is not None]
-    assert sorted([e.segment_id for e in finals] + failed) == sorted(closed), "one final or Error each"
-    previous_end = 0.0
+    failed = [
+        (e.channel_index[0] if e.channel_index else 0, e.segment_id)
+        for e in d.events
+        if isinstance(e, Error) and e.segment_id is not None
+    ]
+    answered = [(e.channel_index[0], e.segment_id) for e in finals] + failed
+    assert sorted(answered) == sorted(closed), "one final or Error each"
+    previous_end: dict[int, float] = {}
     for final in finals:
+        channel = final.channel_index[0]
         assert final.start_s >= 0 and final.duration_s > 0, final
-        assert final.start_s >= previous_end - 1e-9, f"{final} overlaps the final before it"
-        previous_end = final.start_s + final.duration_s
+        assert final.start_s >= previous_end.get(channel, 0.0) - 1e-9, f"{final} overlaps the final before it"
+        previous_end[channel] = final.start_s + final.duration_s
     return finals

@@ -428,7 +428,7 @@ def test_memory_is_flat_over_a_long_stream() -> None:
     tracemalloc.stop()
     assert after_twenty - after_one < 64 * 1024, (after_one, after_twenty)
     assert d.session.segments_finalized == 21 * 12
-    assert len(d.session._slots) == 0 and len(d.session._jobs) == 0
+    assert d.session.channels[0].drained and d.session.events_waiting == 0 and d.session.pending_finals == 0
 
 
 NO_SPECULATION = SegmenterConfig(speculative_final_ms=0)

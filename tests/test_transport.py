@@ -64,7 +64,7 @@ async def test_request_id_header_matches_events() -> None:
         ("encoding=opus", "UNSUPPORTED_ENCODING"),
         ("sample_rate=96000", "INVALID_PARAMETER"),
         ("sample_rate=abc", "INVALID_PARAMETER"),
-        ("channels=2", "UNSUPPORTED_CHANNELS"),
+        ("multichannel=true&channels=21", "UNSUPPORTED_CHANNELS"),
         ("language=fr", "UNSUPPORTED_LANGUAGE"),
         ("endpointing=-5", "INVALID_PARAMETER"),
         ("utterance_end_ms=10", "INVALID_PARAMETER"),
