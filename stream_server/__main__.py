@@ -21,6 +21,7 @@ from . import __version__
 from .config import (
     AuthConfig,
     BatchConfig,
+    CallsConfig,
     Config,
     EngineConfig,
     InterimConfig,
@@ -39,6 +40,7 @@ SECTIONS: tuple[tuple[str, type[Any], str], ...] = (
     ("batch", BatchConfig, ""),
     ("limits", LimitsConfig, ""),
     ("auth", AuthConfig, ""),
+    ("calls", CallsConfig, ""),
 )
 
 

@@ -262,6 +262,13 @@ class CapacityModel:
         self._mark(now_s)
         self._streams[key] = _Stream(now_s, weight)
 
+    def reweigh(self, key: Hashable | None, weight: int) -> None:
+        """An open stream turned out to transcribe ``weight`` channels (a Twilio call learns its tracks
+        after it was admitted)."""
+        stream = self._streams.get(key) if key is not None else None
+        if stream is not None:
+            stream.weight = weight
+
     def close(self, key: Hashable, now_s: float | None = None) -> None:
         """A stream ended (at ``now_s``: the busy time measured before then held its work, so it no
         longer bounds what the streams still open use)."""

@@ -466,6 +466,89 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class CallsConfig:
+    """Phone calls from Twilio Media Streams, and where their transcripts go (README, "Call-centre
+    audio"; docs/twilio.md).
+
+    Attributes:
+        twilio_auth_token: the Twilio account's Auth Token: /v1/twilio then accepts only upgrades whose
+            X-Twilio-Signature is valid for the wss:// URL Twilio connected to (403 otherwise). Empty:
+            no check, allowed only on a server without API keys (one with keys refuses /v1/twilio).
+        public_url: the server's public base URL as Twilio reaches it (https://calls.example.com), to
+            check signatures behind a TLS-terminating proxy; empty: from X-Forwarded-Proto/Host when the
+            proxy is one of --trusted-proxies, else the request's own.
+        twilio_options: the live API's options for every call, as a query string (language=en&
+            interim_results=true&endpointing=300); a call's customParameters override them one by one.
+        webhook_url: every final of every call is POSTed here as JSON (the live API's Results plus a
+            "twilio" object; interims too with --webhook-interim-results); empty: none.
+        webhook_allowed_hosts: hosts a call's own webhook_url parameter may name, comma-separated
+            (host, host:port or *.example.com); empty: calls may not choose one.
+        webhook_interim_results: also POST interim results (of calls that ask for interims).
+        webhook_max_attempts: attempts per delivery (retries with backoff on errors, 429 and 5xx).
+        webhook_timeout_s: how long one attempt may take.
+        subscriber_backlog: finals of a call kept for a subscriber that joins late (GET
+            /v1/calls/{callSid} sends them first).
+        max_gap_ms: the most silence one gap in a track (lost chunks) is filled with; a longer jump of
+            the timestamps is a clock jump, not audio.
+    """
+
+    twilio_auth_token: str = field(default="", repr=False, metadata={"secret": True})
+    public_url: str = ""
+    twilio_options: str = ""
+    webhook_url: str = ""
+    webhook_allowed_hosts: str = ""
+    webhook_interim_results: bool = False
+    webhook_max_attempts: int = 5
+    webhook_timeout_s: float = 5.0
+    subscriber_backlog: int = 100
+    max_gap_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        from urllib.parse import parse_qs, urlsplit
+
+        from .protocol import parse_options
+        from .twilio_call import CALL_OPTIONS
+        from .webhook import parse_webhook_url
+
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            _check(
+                parts.scheme in ("http", "https", "ws", "wss") and bool(parts.hostname),
+                "public_url",
+                "must be a URL such as https://calls.example.com",
+            )
+        query = parse_qs(self.twilio_options, keep_blank_values=True)
+        unknown = sorted(set(query) - CALL_OPTIONS)
+        _check(
+            not unknown, "twilio_options", f"names unknown option(s) {unknown}; known: {sorted(CALL_OPTIONS)}"
+        )
+        try:
+            parse_options(query)
+        except Exception as exc:
+            raise ConfigError(f"twilio_options: {exc}") from None
+        if self.webhook_url:
+            try:
+                parse_webhook_url(self.webhook_url)
+            except ValueError as exc:
+                raise ConfigError(f"webhook_url: {exc}") from None
+        _check(1 <= self.webhook_max_attempts <= 20, "webhook_max_attempts", "must be 1..20")
+        _check(0 < self.webhook_timeout_s <= 120, "webhook_timeout_s", "must be in (0, 120] s")
+        _check(0 <= self.subscriber_backlog <= 10_000, "subscriber_backlog", "must be 0..10000")
+        _check(0 <= self.max_gap_ms <= 600_000, "max_gap_ms", "must be 0..600000")
+
+    @property
+    def webhook_hosts(self) -> tuple[str, ...]:
+        return tuple(h.strip() for h in self.webhook_allowed_hosts.split(",") if h.strip())
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        """``twilio_options`` as one value per name."""
+        from urllib.parse import parse_qsl
+
+        return dict(parse_qsl(self.twilio_options, keep_blank_values=True))
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings."""
 
@@ -476,3 +559,4 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)

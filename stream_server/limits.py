@@ -47,6 +47,11 @@ def _trusted(address: str, trusted: Iterable[Network]) -> bool:
     return any(ip in net for net in trusted)
 
 
+def is_trusted(peer: str | None, trusted: tuple[Network, ...]) -> bool:
+    """Whether ``peer`` is one of the trusted proxies (whose forwarded headers are believed)."""
+    return peer is not None and _trusted(peer, trusted)
+
+
 def client_address(peer: str | None, forwarded_for: Iterable[str], trusted: tuple[Network, ...]) -> str:
     """The address a stream counts against.
 

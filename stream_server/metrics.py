@@ -38,7 +38,11 @@ KINDS = ("final", "interim")
 BATCH_KINDS = ("final", "speculative", "interim")
 """Engine calls: a batch of speculative finals only is ``speculative`` (it may be wasted), not ``final``."""
 SPECULATION_OUTCOMES = ("used", "wasted", "refused")
+WEBHOOK_OUTCOMES = ("delivered", "retried", "rejected", "failed", "dropped")
+"""How a webhook delivery ended (``webhook.py``); ``retried`` counts each retry."""
 REJECTION_REASONS = (
+    "twilio_signature",
+    "not_found",
     "draining",
     "not_ready",
     "bad_request",
@@ -236,9 +240,37 @@ class Metrics:
             "Audio read from fast clients and waiting on disk for the model (all streams)",
             registry=r,
         )
+        self.calls_active = Gauge("stream_calls_active", "Twilio calls streaming now", registry=r)
+        self.call_subscribers = Gauge(
+            "stream_call_subscribers", "Sockets following a live call (/v1/calls/{callSid})", registry=r
+        )
+        self.twilio_input_errors = Counter(
+            "stream_twilio_input_errors_total",
+            "Twilio messages skipped (media before start, unknown event, bad base64...) by code",
+            ["code"],
+            registry=r,
+        )
+        self.twilio_gap_seconds = Counter(
+            "stream_twilio_gap_seconds_total",
+            "Silence filled in for lost Twilio media chunks (from their timestamps)",
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "stream_webhook_deliveries_total", "Webhook deliveries by outcome", ["outcome"], registry=r
+        )
+        self.webhook_queued = Gauge(
+            "stream_webhook_queued", "Webhook deliveries waiting or in flight", registry=r
+        )
+        self.subscribers_dropped = Counter(
+            "stream_call_subscribers_dropped_total",
+            "Call subscribers cut because they read too slowly",
+            registry=r,
+        )
 
         for kind in KINDS:
             self.queue_depth.labels(kind)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome)
         for kind in BATCH_KINDS:
             for per_kind in (
                 self.batch_size,

@@ -135,6 +135,8 @@ class Stream:
         vad: the first channel's frame classifier.
         identity: request id, creation time and model identity for the events.
         vad_factory: makes the classifier of every further channel (required for more than one).
+        open_channels: make the channels now (False: the front end calls ``_open_channels`` once it
+            knows its options).
     """
 
     def __init__(
@@ -145,30 +147,44 @@ class Stream:
         identity: SessionIdentity,
         *,
         vad_factory: Callable[[], FrameVad] | None = None,
+        open_channels: bool = True,
     ) -> None:
         self.options = options
         self.settings = settings
         self.identity = identity
-        count = options.transcribed_channels
-        if count > 1 and vad_factory is None:
-            raise ValueError(f"{count} channels need a vad_factory for every channel after the first")
+        self._vad: FrameVad | None = vad
+        self._vad_factory = vad_factory
         self._next_job_id = 1
         self.channels: list[ChannelCore] = []
-        for index in range(count):
-            channel_settings = ChannelSettings(
-                segmenter=settings.segmenter,
-                interim=settings.interim,
-                request_id=identity.request_id,
-                model=identity.model,
-                channel_index=(index, count),
-            )
-            channel_vad = vad if index == 0 or vad_factory is None else vad_factory()
-            self.channels.append(ChannelCore(options, channel_settings, channel_vad, self._new_job_id))
         self._immediate: list[ServerEvent] = []
         self._tail: list[ServerEvent] = []  # after every channel's finals: Metadata, a fatal Error
         self._closing: CloseRequest | None = None
         self._dead = False
         self._client_errors = 0
+        if open_channels:
+            self._open_channels(options)
+
+    def _open_channels(self, options: StreamOptions) -> None:
+        """Make one channel core per transcribed channel of ``options`` (a front end that learns its
+        options after the handshake, as Twilio's does at ``start``, calls this then)."""
+        self.options = options
+        count = options.transcribed_channels
+        if count > 1 and self._vad_factory is None:
+            raise ValueError(f"{count} channels need a vad_factory for every channel after the first")
+        for index in range(count):
+            channel_settings = ChannelSettings(
+                segmenter=self.settings.segmenter,
+                interim=self.settings.interim,
+                request_id=self.identity.request_id,
+                model=self.identity.model,
+                channel_index=(index, count),
+            )
+            vad = self._vad
+            self._vad = None  # the first channel's; every other one gets its own
+            if vad is None:
+                assert self._vad_factory is not None
+                vad = self._vad_factory()
+            self.channels.append(ChannelCore(options, channel_settings, vad, self._new_job_id))
 
     def _new_job_id(self) -> int:
         job_id = self._next_job_id

@@ -3,6 +3,8 @@
 Routes (README, "Protocol" and "Observability"):
 
 - ``GET /v1/listen`` - the WebSocket stream (README, "Protocol").
+- ``GET /v1/twilio`` - a Twilio Media Stream of a call (README, "Call-centre audio").
+- ``GET /v1/calls`` - the live calls; ``GET /v1/calls/{callSid}`` - a WebSocket following one.
 - ``GET /health`` - model, device, readiness; 200 when ready, 503 while loading or failed.
 - ``GET /metrics`` - Prometheus text.
 - ``GET /`` - the live-captions page, when the package carries it.
@@ -37,17 +39,31 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from . import __version__
 from .auth import MAX_GRANT_BODY_BYTES, WWW_AUTHENTICATE, Authenticator, Principal, parse_grant_body
 from .batcher import Batcher, BatchReport
+from .calls import CallFeed, CallHub, Subscriber
 from .capacity import CapacityModel, CapacitySettings, calibration_clips
 from .config import Config, default_threads
 from .engines.base import SAMPLE_RATE_HZ, Engine, EngineInfo, TranscribeRequest, Transcript
 from .engines.hub import is_hub_id
 from .errors import AuthError, BadRequest, BatcherClosed, InterimSkipped
-from .limits import FairShare, client_address, parse_networks
+from .limits import FairShare, client_address, is_trusted, parse_networks
 from .metrics import Metrics
-from .protocol import AUTH_PARAMS, Error, ModelInfo, Results, StreamOptions, parse_options, serialize
+from .protocol import (
+    AUTH_PARAMS,
+    Error,
+    ModelInfo,
+    Results,
+    ServerEvent,
+    StreamOptions,
+    parse_options,
+    serialize,
+)
 from .session import Job, JobKind, SegmentKey, Session, SessionIdentity, SessionSettings
 from .spool import BINARY, OVERSIZED, TEXT, Spool
+from .stream import Stream
+from .twilio import signed_url, twilio_signature_valid
+from .twilio_call import TwilioCall
 from .vad import FrameVad, MinSpeechRun, NoiseGate, WebRtcVad
+from .webhook import WebhookSender, webhook_url_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +311,16 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._load_task: asyncio.Task[None] | None = None
         self.auth = Authenticator.from_config(config.auth)  # reads --api-keys-file (ConfigError)
+        calls = config.calls
+        self.webhook: WebhookSender | None = None
+        if calls.webhook_url or calls.webhook_hosts:
+            self.webhook = WebhookSender(
+                max_attempts=calls.webhook_max_attempts,
+                timeout_s=calls.webhook_timeout_s,
+                on_outcome=lambda outcome: self.metrics.webhook_deliveries.labels(outcome).inc(),
+                user_agent=f"stream-server/{__version__}",
+            )
+        self.calls = CallHub(self.metrics, backlog=calls.subscriber_backlog, webhook=self.webhook)
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------
@@ -303,6 +329,9 @@ class Server:
     def _build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/listen", self._listen)
+        app.router.add_get("/v1/twilio", self._twilio)
+        app.router.add_get("/v1/calls", self._calls)
+        app.router.add_get("/v1/calls/{call_sid}", self._follow_call)
         app.router.add_get("/health", self._health)
         app.router.add_post("/v1/auth/grant", self._grant)
         app.router.add_route("OPTIONS", "/v1/auth/grant", self._grant_preflight)
@@ -316,6 +345,8 @@ class Server:
         return app
 
     async def _on_startup(self, _: web.Application) -> None:
+        if self.webhook is not None:
+            await self.webhook.start()
         if self.engine is not None:
             self._engine_ready(self.engine)
         else:
@@ -453,6 +484,8 @@ class Server:
             self._load_task.cancel()
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.webhook is not None:
+            await self.webhook.close(self.config.calls.webhook_timeout_s * 2)
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new streams, finalize open ones, and wait up to ``timeout_s`` for them to close."""
@@ -681,7 +714,8 @@ class Server:
                 return self._refuse(request, exc, cors)
         return web.Response(status=204, headers=cors)
 
-    async def _listen(self, request: web.Request) -> web.StreamResponse:
+    def _refuse_unready(self) -> web.Response | None:
+        """The 503 for a server that is draining, loading or failed; None when it takes streams."""
         if self.draining:
             self.metrics.sessions_rejected.labels("draining").inc()
             return _json_error(
@@ -694,11 +728,12 @@ class Server:
             return _json_error(
                 503, "MODEL_LOADING", "The model is still loading; retry shortly.", **{"Retry-After": "5"}
             )
-        authenticated = self._authenticate(request)  # also kept as request[PRINCIPAL_KEY]
-        if isinstance(authenticated, web.Response):
-            return authenticated
+        return None
+
+    def _stream_socket(self, request: web.Request, protocols: tuple[str, ...] = ()) -> _StreamSocket | None:
+        """The WebSocket of a stream, or None when the request is no WebSocket upgrade."""
         ws = _StreamSocket(
-            protocols=request[WS_PROTOCOLS_KEY],  # the "token" or "bearer" subprotocol offered (auth.py)
+            protocols=protocols,
             # aiohttp refuses a larger message from its header, before buffering any of it; the
             # stream then ends with FRAME_TOO_LARGE after the finals it is owed (_StreamSocket).
             max_msg_size=self.config.limits.max_frame_bytes + 1,
@@ -706,26 +741,13 @@ class Server:
             # back-pressure (a full spool) the socket is not read, so a pong can sit behind queued audio.
             heartbeat=60.0,
         )
-        if not ws.can_prepare(request).ok:
-            return _json_error(
-                426, "WEBSOCKET_REQUIRED", "This endpoint speaks WebSocket; connect with ws:// or wss://."
-            )
-        query = {key: request.query.getall(key) for key in request.query.keys()}
-        try:
-            options = parse_options(query, supported_languages=self.engine.info.languages)
-        except BadRequest as exc:
-            self.metrics.sessions_rejected.labels("bad_request").inc()
-            logger.info(
-                "refused %s: %s", request.remote, header_safe(str(exc))
-            )  # no raw control characters in logs
-            return _json_error(400, exc.code, exc.description)
-        client = client_address(
-            request.remote, request.headers.getall("X-Forwarded-For", []), self._trusted_proxies
-        )
-        principal: Principal | None = request.get(PRINCIPAL_KEY)
-        keyed = principal is not None and principal.method != "none"  # a server without keys has none
-        key_name = principal.name if keyed and principal is not None else None
-        key_max = principal.max_sessions if keyed and principal is not None else None
+        return ws if ws.can_prepare(request).ok else None
+
+    def _refuse_over_limits(
+        self, request: web.Request, client: str, key_name: str | None, key_max: int | None, weight: int
+    ) -> web.Response | None:
+        """The 429 or 503 for a stream of ``weight`` channels beyond a limit: the client's or the key's
+        fair share, ``max_sessions``, or the measured capacity (README, "Admission"); None to admit."""
         refusal = self.fair.refusal(client, key_name, key_max)
         if refusal is not None:
             self.metrics.sessions_rejected.labels(refusal.reason).inc()
@@ -741,37 +763,248 @@ class Server:
                 **{"Retry-After": "2"},
             )
         assert self.capacity is not None
-        now = time.monotonic()
         if self.config.limits.admission:
-            state = self.capacity.state(now, weight=options.transcribed_channels)
+            state = self.capacity.state(time.monotonic(), weight=weight)
             if not state.accepting:
                 self.metrics.sessions_rejected.labels("capacity").inc()
                 logger.info("refused %s: at capacity: %s", request.remote, state.reason)
+                streams = "one more stream" if weight == 1 else f"a stream of {weight} channels"
                 return _json_error(
                     503,
                     "AT_CAPACITY",
-                    "The server is at its measured capacity: one more stream would push finals past "
+                    f"The server is at its measured capacity: {streams} would push finals past "
                     f"its {self.target_latency_ms} ms latency target. Retry shortly or use "
                     "another server.",
                     **{"Retry-After": str(RETRY_AFTER_CAPACITY_S)},
                 )
+        return None
 
-        request_id = str(uuid.uuid4())
-        ws.headers["dg-request-id"] = request_id
-        session = self._new_session(options, request_id)
-        conn = _Connection(self, ws, session, request, client, key_name)
+    async def _serve(
+        self, conn: _Connection, request: web.Request, weight: int, what: str
+    ) -> web.StreamResponse:
+        """Take the seat ``conn`` was admitted to, run it, and give the seat back."""
+        assert self.capacity is not None
         # Counted before the first await, so simultaneous handshakes cannot all pass the checks above.
         self.connections.add(conn)
-        self.capacity.open(conn, now, weight=options.transcribed_channels)
-        self.fair.open(client, key_name)
+        self.capacity.open(conn, time.monotonic(), weight=weight)
+        self.fair.open(conn.client, conn.key_name)
         self.metrics.sessions_active.set(len(self.connections))
         try:
-            await ws.prepare(request)
-            logger.info("stream %s opened from %s (key %s): %s", request_id, client, key_name or "-", options)
+            await conn.ws.prepare(request)
+            logger.info(
+                "stream %s opened from %s (key %s): %s",
+                conn.session.identity.request_id,
+                conn.client,
+                conn.key_name or "-",
+                what,
+            )
             await conn.run()
         finally:
             self.release(conn)
             conn.spool.close()
+        return conn.ws
+
+    def _client(self, request: web.Request) -> str:
+        return client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", []), self._trusted_proxies
+        )
+
+    async def _listen(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refuse_unready()
+        if refused is not None:
+            return refused
+        assert self.engine is not None
+        authenticated = self._authenticate(request)  # also kept as request[PRINCIPAL_KEY]
+        if isinstance(authenticated, web.Response):
+            return authenticated
+        # the "token" or "bearer" subprotocol offered (auth.py)
+        ws = self._stream_socket(request, request[WS_PROTOCOLS_KEY])
+        if ws is None:
+            return _json_error(
+                426, "WEBSOCKET_REQUIRED", "This endpoint speaks WebSocket; connect with ws:// or wss://."
+            )
+        query = {key: request.query.getall(key) for key in request.query.keys()}
+        try:
+            options = parse_options(query, supported_languages=self.engine.info.languages)
+        except BadRequest as exc:
+            self.metrics.sessions_rejected.labels("bad_request").inc()
+            logger.info(
+                "refused %s: %s", request.remote, header_safe(str(exc))
+            )  # no raw control characters in logs
+            return _json_error(400, exc.code, exc.description)
+        client = self._client(request)
+        principal: Principal | None = request.get(PRINCIPAL_KEY)
+        keyed = principal is not None and principal.method != "none"  # a server without keys has none
+        key_name = principal.name if keyed and principal is not None else None
+        key_max = principal.max_sessions if keyed and principal is not None else None
+        weight = options.transcribed_channels
+        refused = self._refuse_over_limits(request, client, key_name, key_max, weight)
+        if refused is not None:
+            return refused
+        request_id = str(uuid.uuid4())
+        ws.headers["dg-request-id"] = request_id
+        session = self._new_session(options, request_id)
+        conn = _Connection(self, ws, session, request, client, key_name)
+        return await self._serve(conn, request, weight, str(options))
+
+    # ------------------------------------------------------------------------------------------
+    # Calls: Twilio Media Streams in, results out to the webhook and subscribers
+
+    def _check_twilio(self, request: web.Request) -> web.Response | None:
+        """The 403 for a Twilio upgrade this server must not take; None to take it (README,
+        "Call-centre audio: security")."""
+        calls = self.config.calls
+        if not calls.twilio_auth_token:
+            if self.auth.enabled:
+                self.metrics.sessions_rejected.labels("unauthorized").inc()
+                return _json_error(
+                    403,
+                    "TWILIO_AUTH_NOT_CONFIGURED",
+                    "This server requires API keys, and Twilio cannot send one: start it with "
+                    "--twilio-auth-token so that Twilio's signed requests are accepted.",
+                )
+            return None
+        peer_trusted = is_trusted(request.remote, self._trusted_proxies)
+        headers = request.headers
+        try:
+            url = signed_url(
+                request.scheme,
+                request.host,
+                request.path_qs,
+                forwarded_proto=headers.get("X-Forwarded-Proto") if peer_trusted else None,
+                forwarded_host=headers.get("X-Forwarded-Host") if peer_trusted else None,
+                public_url=calls.public_url or None,
+            )
+        except ValueError:
+            url = ""
+        if url and twilio_signature_valid(calls.twilio_auth_token, url, headers.get("X-Twilio-Signature")):
+            return None
+        self.metrics.sessions_rejected.labels("twilio_signature").inc()
+        logger.info(
+            "refused %s %s: X-Twilio-Signature %s for %s",
+            request.remote,
+            request.path,
+            "invalid" if headers.get("X-Twilio-Signature") else "missing",
+            header_safe(url)[:200],
+        )
+        return _json_error(
+            403,
+            "TWILIO_SIGNATURE_INVALID",
+            "This endpoint takes only Twilio Media Streams signed with the account's Auth Token "
+            "(X-Twilio-Signature); behind a proxy, set --public-url to the wss:// address Twilio "
+            "connects to.",
+        )
+
+    async def _twilio(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/twilio``: one Twilio Media Stream (a call's tracks) as a stream of two channels."""
+        refused = self._refuse_unready() or self._check_twilio(request)
+        if refused is not None:
+            return refused
+        ws = self._stream_socket(request)
+        if ws is None:
+            return _json_error(
+                426, "WEBSOCKET_REQUIRED", "This endpoint speaks WebSocket (Twilio Media Streams, wss://)."
+            )
+        client = self._client(request)
+        weight = 2  # both tracks, until start says (a call is admitted before it says which it has)
+        refused = self._refuse_over_limits(request, client, None, None, weight)
+        if refused is not None:
+            return refused
+        request_id = str(uuid.uuid4())
+        call = self._new_call(request_id)
+        conn = _Connection(self, ws, call, request, client, None, sink=_CallSink(self, call))
+        return await self._serve(conn, request, weight, "Twilio Media Stream")
+
+    def _new_call(self, request_id: str) -> TwilioCall:
+        assert self.engine is not None
+        identity, settings = self._identity(request_id), self._settings()
+        calls = self.config.calls
+        return TwilioCall(
+            settings,
+            self._vad_factory(),
+            identity,
+            vad_factory=self._vad_factory,
+            defaults=calls.defaults,
+            supported_languages=self.engine.info.languages,
+            max_gap_ms=calls.max_gap_ms,
+        )
+
+    def open_call(self, call: TwilioCall) -> CallFeed:
+        """The feed of a call whose ``start`` came: its webhook is the server's, or the call's own
+        ``webhook_url`` parameter when its host is on ``--webhook-allowed-hosts``."""
+        start = call.start
+        assert start is not None
+        calls = self.config.calls
+        url: str | None = calls.webhook_url or None
+        asked = start.custom_parameters.get("webhook_url")
+        if asked:
+            if webhook_url_allowed(asked, calls.webhook_hosts):
+                url = asked
+            else:
+                call.input_errors["WEBHOOK_NOT_ALLOWED"] += 1
+                logger.warning(
+                    "call %s: its webhook_url names a host not on --webhook-allowed-hosts; %s",
+                    start.call_sid,
+                    "using the server's" if url else "no webhook",
+                )
+        interims = calls.webhook_interim_results and call.options.interim_results
+        feed = self.calls.open(start, webhook_url=url, webhook_interims=interims)
+        logger.info(
+            "call %s (stream %s) is live: tracks %s, webhook %s",
+            start.call_sid,
+            call.identity.request_id,
+            ",".join(start.tracks),
+            "on" if url else "off",
+        )
+        capacity = self.capacity
+        if capacity is not None:
+            capacity.reweigh(self._connection_of(call), call.options.transcribed_channels)
+        return feed
+
+    def _connection_of(self, session: Stream) -> _Connection | None:
+        for conn in self.connections:
+            if conn.session is session:
+                return conn
+        return None
+
+    async def _calls(self, request: web.Request) -> web.Response:
+        """``GET /v1/calls``: the live calls (authorized like ``/v1/listen``)."""
+        authenticated = self._authenticate(request)
+        if isinstance(authenticated, web.Response):
+            return authenticated
+        return web.json_response({"calls": self.calls.live()}, headers={"Cache-Control": "no-store"})
+
+    async def _follow_call(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/calls/{callSid}``: a WebSocket that gets the call's events as they come (the last
+        finals first), then ``Metadata`` and a close with 1000 when the call ends."""
+        authenticated = self._authenticate(request)
+        if isinstance(authenticated, web.Response):
+            return authenticated
+        call_sid = request.match_info["call_sid"]
+        feed = self.calls.get(call_sid)
+        if feed is None:
+            self.metrics.sessions_rejected.labels("not_found").inc()
+            return _json_error(
+                404,
+                "CALL_NOT_FOUND",
+                f"No live call {header_safe(call_sid)[:40]!r} on this server; GET /v1/calls lists them.",
+            )
+        ws = web.WebSocketResponse(protocols=request[WS_PROTOCOLS_KEY], heartbeat=30.0, max_msg_size=4096)
+        if not ws.can_prepare(request).ok:
+            return _json_error(
+                426, "WEBSOCKET_REQUIRED", "This endpoint speaks WebSocket; connect with ws:// or wss://."
+            )
+        subscriber = self.calls.subscribe(feed)
+        if subscriber is None:
+            return _json_error(
+                429, "TOO_MANY_SUBSCRIBERS", "This call has as many followers as it may; try later."
+            )
+        try:
+            await ws.prepare(request)
+            await ws.send_str(json.dumps({"type": "Call", **feed.describe()}, separators=(",", ":")))
+            await _pump_subscriber(ws, subscriber, self.config.limits.write_timeout_s)
+        finally:
+            self.calls.unsubscribe(subscriber)
         return ws
 
     def release(self, conn: _Connection) -> None:
@@ -785,20 +1018,22 @@ class Server:
         self.fair.close(conn.client, conn.key_name)
         self.metrics.sessions_active.set(len(self.connections))
 
-    def _new_session(self, options: StreamOptions, request_id: str) -> Session:
+    def _identity(self, request_id: str) -> SessionIdentity:
         assert self.engine is not None
         info = self.engine.info
         warnings: tuple[str, ...] = ()
         if info.fallback_reason:
             warnings = (f"Fallback model {info.name} is running: {public_fallback_reason(info)}",)
-        identity = SessionIdentity(
+        return SessionIdentity(
             request_id=request_id,
             created=_now_iso(),
             model=self.model_info(),
             model_details=self.engine_details(info),
             warnings=warnings,
         )
-        settings = SessionSettings(
+
+    def _settings(self) -> SessionSettings:
+        return SessionSettings(
             segmenter=self.config.segmenter,
             interim=self.config.interim,
             max_client_errors=self.config.limits.max_client_errors,
@@ -807,7 +1042,76 @@ class Server:
             max_finalize_per_s=self.config.limits.max_finalize_per_s,
             finalize_burst=self.config.limits.finalize_burst,
         )
-        return Session(options, settings, self._vad_factory(), identity, vad_factory=self._vad_factory)
+
+    def _new_session(self, options: StreamOptions, request_id: str) -> Session:
+        return Session(
+            options,
+            self._settings(),
+            self._vad_factory(),
+            self._identity(request_id),
+            vad_factory=self._vad_factory,
+        )
+
+
+async def _pump_subscriber(ws: web.WebSocketResponse, subscriber: Subscriber, write_timeout_s: float) -> None:
+    """Send a subscriber's queue as it fills; close 1000 when the call ends, 1008 when it fell behind.
+    Whatever the follower sends is read and ignored (its close ends this)."""
+
+    async def read() -> None:
+        async for _ in ws:
+            pass
+        subscriber.wake.set()
+
+    reader = asyncio.get_running_loop().create_task(read())
+    try:
+        while not ws.closed:
+            await subscriber.wake.wait()
+            subscriber.wake.clear()
+            if subscriber.dropped:
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"SLOW_READER")
+                return
+            while subscriber.queue and not ws.closed:
+                try:
+                    await asyncio.wait_for(ws.send_str(subscriber.queue.popleft()), write_timeout_s)
+                except (asyncio.TimeoutError, ConnectionResetError):
+                    return
+            if subscriber.ended and not subscriber.queue:
+                await ws.close(code=WSCloseCode.OK, message=b"call ended")
+                return
+    finally:
+        reader.cancel()
+
+
+class _CallSink:
+    """Where a Twilio stream's events go instead of its socket: the call's feed (subscribers, backlog,
+    webhook), opened once the call's ``start`` came."""
+
+    def __init__(self, server: Server, call: TwilioCall) -> None:
+        self.server = server
+        self.call = call
+        self.feed: CallFeed | None = None
+
+    def sync(self) -> None:
+        """Open the call's feed as soon as its ``start`` came (it is listed and can be followed)."""
+        if self.feed is None and self.call.start is not None:
+            self.feed = self.server.open_call(self.call)
+
+    def publish(self, event: ServerEvent) -> None:
+        start = self.call.start
+        if start is None or self.feed is None:
+            if isinstance(event, Error):  # e.g. NO_AUDIO before any start: nowhere to deliver it but the log
+                logger.info("call stream %s: %s before start", self.call.identity.request_id, event.code)
+            return
+        self.server.calls.publish(self.feed, start.stream_sid, event)
+
+    def finish(self) -> None:
+        counters = self.call.input_errors
+        for code, count in counters.items():
+            self.server.metrics.twilio_input_errors.labels(code).inc(count)
+        self.server.metrics.twilio_gap_seconds.inc(self.call.gap_ms_filled / 1000)
+        self.sync()
+        if self.feed is not None:
+            self.server.calls.end(self.feed)
 
 
 class _StreamSocket(web.WebSocketResponse):
@@ -842,14 +1146,17 @@ class _Connection:
         self,
         server: Server,
         ws: _StreamSocket,
-        session: Session,
+        session: Session | TwilioCall,
         request: web.Request,
         client: str,
         key_name: str | None,
+        *,
+        sink: _CallSink | None = None,
     ) -> None:
         self.server = server
         self.ws = ws
         self.session = session
+        self.sink = sink
         self.request = request
         self.client = client
         self.key_name = key_name
@@ -873,7 +1180,12 @@ class _Connection:
         try:
             await self._read_loop()
         finally:
-            if not self._closed_by_us and not (self.ws.refused_too_big and not self._aborted):
+            if self.sink is not None and isinstance(self.session, TwilioCall) and not self._closed_by_us:
+                # A call's results are read elsewhere: a socket gone without stop still ends the call
+                # with every final it is owed, delivered to the webhook and the subscribers.
+                self.session.receive_hangup()
+                self.after_input()
+            elif not self._closed_by_us and not (self.ws.refused_too_big and not self._aborted):
                 self._client_gone()
             await writer
             for task in self._tasks.values():
@@ -1087,9 +1399,12 @@ class _Connection:
 
     async def _write_loop(self) -> None:
         metrics = self.server.metrics
+        sink = self.sink
         while True:
             await self.wake.wait()
             self.wake.clear()
+            if sink is not None:
+                sink.sync()
             for event in self.session.events_to_send():
                 if isinstance(event, Results):
                     if event.is_final and event.is_acknowledgement:
@@ -1113,6 +1428,9 @@ class _Connection:
                         channel = event.channel_index[0] if event.channel_index is not None else 0
                         metrics.segment_errors.inc()
                         self._final_started.pop((channel, event.segment_id), None)
+                if sink is not None:
+                    sink.publish(event)  # never on the socket: Twilio rejects anything but its own messages
+                    continue
                 if self.ws.closed or self._aborted:
                     break
                 if not await self._send(serialize(event)):
@@ -1120,6 +1438,15 @@ class _Connection:
             if self._aborted:
                 return
             close = self.session.close
+            if sink is not None:
+                if close is None:
+                    continue
+                sink.finish()
+                if not self.ws.closed:
+                    self._closed_by_us = True
+                    self._outcome = close.reason if close.code != 1000 else "completed"
+                    await self.ws.close(code=int(close.code), message=close.reason.encode()[:120])
+                return
             if close is not None or self.ws.closed:
                 if close is not None and not self.ws.closed:
                     self._closed_by_us = True
