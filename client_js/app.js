@@ -3,7 +3,8 @@
 // Query parameters: ?server=ws://host:port points the page at another server (default: the one that
 // served it); ?token_url=URL names where to get a short-lived token before every connection, for a
 // server with API keys (README, "Authentication"); ?language=en preselects a language; ?contrast=1
-// starts in the high-contrast theme.
+// starts in the high-contrast theme. ?call=CA... follows a live phone call instead of capturing audio
+// (?inbound_label= / ?outbound_label= name its two speakers); ?calls lists the live calls.
 
 import {
   FileSource,
@@ -49,6 +50,8 @@ const HEALTH_URL = healthUrlFor(LISTEN_URL);
 // The page never holds an API key: ?token_url= names an endpoint of the operator's (beside the page,
 // behind its login) that answers POST with {"access_token": ...}, as the server's own
 // POST /v1/auth/grant does for whoever holds a key.
+const CALL_SID = query.get('call') || null;
+const SPEAKERS = { inbound: query.get('inbound_label') || 'Caller', outbound: query.get('outbound_label') || 'Agent' };
 const TOKEN_URL = query.get('token_url') ? new URL(query.get('token_url'), location.href).href : null;
 const AUTH_HELP =
   'This server requires a token. Open this page with ?token_url= naming an endpoint that hands out ' +
@@ -107,6 +110,8 @@ const app = {
   interim: '',
   health: null,
   authWarned: false,
+  callFinals: [], // a followed call's finals, {text, start, end, track, ...}, in time order
+  callInterims: {}, // track -> the open segment's text
   wakeLock: null,
 };
 window.captionsApp = app; // for debugging from the console
@@ -271,6 +276,7 @@ showSourceControls();
 // Captions and transcript
 
 function allFinals() {
+  if (CALL_SID) return app.callFinals;
   const current = app.transcriber ? app.transcriber.finals.map((f) => shift(f, app.runOffsetS)) : [];
   return [...app.archive, ...current];
 }
@@ -287,33 +293,47 @@ function shift(final, offsetS) {
 
 function renderCaptions() {
   ui.captions.textContent = '';
-  const lines = app.captionFinals.slice(-CAPTION_LINES);
-  if (!lines.length && !app.interim) {
+  const lines = CALL_SID ? app.callFinals.slice(-CAPTION_LINES) : app.captionFinals.slice(-CAPTION_LINES);
+  if (!lines.length && !app.interim && !Object.values(app.callInterims).some(Boolean)) {
     ui.captions.append(ui.placeholder);
     return;
   }
-  lines.forEach((text, i) => {
+  lines.forEach((line, i) => {
     const p = document.createElement('p');
     p.className = i < lines.length - 1 ? 'line final old' : 'line final';
-    p.textContent = text;
+    setLine(p, line);
     ui.captions.append(p);
   });
-  if (app.interim) {
+  const interims = CALL_SID ? Object.entries(app.callInterims).filter(([, text]) => text) : app.interim ? [[null, app.interim]] : [];
+  for (const [track, text] of interims) {
     const p = document.createElement('p');
     p.className = 'line interim';
-    p.textContent = app.interim;
+    setLine(p, track ? { text, track } : text);
     ui.captions.append(p);
   }
 }
 
-function addTranscriptItem(final) {
+/** A caption line's content: plain text, or a call's {text, track} with its speaker's label first. */
+function setLine(element, line) {
+  if (typeof line === 'string') {
+    element.textContent = line;
+    return;
+  }
+  const speaker = document.createElement('strong');
+  speaker.className = `speaker speaker-${line.track}`;
+  speaker.textContent = SPEAKERS[line.track] ?? line.track;
+  element.append(speaker, ` ${line.text}`);
+}
+
+function addTranscriptItem(final, before = null) {
   const li = document.createElement('li');
   const time = document.createElement('time');
   time.textContent = formatTimestamp(final.start).slice(0, 8);
   time.dateTime = `PT${final.start.toFixed(2)}S`;
   const text = document.createElement('span');
   text.className = 'text';
-  text.textContent = final.text;
+  if (final.track) setLine(text, final);
+  else text.textContent = final.text;
   const tags = document.createElement('span');
   tags.className = 'tags';
   const tag = (label, title) => {
@@ -330,7 +350,7 @@ function addTranscriptItem(final) {
   if (event && AUDIO_EVENTS[event]) tag(AUDIO_EVENTS[event], 'Detected sound');
   if (final.latencyMs !== null && final.latencyMs !== undefined) tag(`${(final.latencyMs / 1000).toFixed(2)} s`, 'Latency of this final');
   li.append(time, text, tags);
-  ui.transcript.append(li);
+  ui.transcript.insertBefore(li, before);
   ui.transcript.scrollTop = ui.transcript.scrollHeight;
   ui.transcriptEmpty.hidden = true;
 }
@@ -341,7 +361,8 @@ function refreshDownloads() {
 }
 
 function download(kind) {
-  const finals = allFinals();
+  // A call's exports name the speaker on every line ("Caller: …"); word times would no longer match.
+  const finals = allFinals().map((f) => (f.track ? { ...f, text: `${SPEAKERS[f.track] ?? f.track}: ${f.text}`, words: undefined } : f));
   const stamp = new Date().toISOString().slice(0, 16).replace(/[-:]/g, '').replace('T', '-');
   const files = {
     txt: [toText(finals, { tags: true }), 'text/plain'],
@@ -352,7 +373,7 @@ function download(kind) {
   const url = URL.createObjectURL(new Blob([content], { type: `${type};charset=utf-8` }));
   const a = document.createElement('a');
   a.href = url;
-  a.download = `captions-${stamp}.${kind}`;
+  a.download = `${CALL_SID ? `call-${CALL_SID}` : 'captions'}-${stamp}.${kind}`;
   document.body.append(a);
   a.click();
   a.remove();
@@ -368,6 +389,7 @@ $('clear').addEventListener('click', () => {
   app.archiveOffsetS = 0;
   app.transcriber = null;
   app.captionFinals = [];
+  app.callFinals = [];
   app.interim = '';
   ui.transcript.textContent = '';
   ui.transcriptEmpty.hidden = false;
@@ -548,5 +570,184 @@ ui.pause.addEventListener('click', () => {
 window.addEventListener('beforeunload', (event) => {
   if (app.transcriber && !['idle', 'closed', 'failed'].includes(app.transcriber.state)) event.preventDefault();
 });
+
+// --------------------------------------------------------------------------------------------------
+// Following a call (?call=CA...): GET /v1/calls/{callSid} (README, "Call-centre audio") sends a Call
+// message, then the live API's Results with a "twilio" object naming the track, then Metadata and a
+// close with 1000 when the call ends. The page only reads from that socket.
+
+function callsUrl(suffix = '') {
+  const url = new URL(LISTEN_URL);
+  url.pathname = url.pathname.replace(/\/v1\/listen\/?$/, `/v1/calls${suffix}`);
+  return url;
+}
+
+/** The live calls from GET /v1/calls, or null when the server did not answer with a list. */
+async function fetchCalls() {
+  const url = callsUrl();
+  url.protocol = url.protocol === 'wss:' ? 'https:' : 'http:';
+  try {
+    const headers = TOKEN_URL ? { Authorization: `Bearer ${await fetchToken()}` } : {};
+    const response = await fetch(url, { cache: 'no-store', headers });
+    if (!response.ok) return null;
+    return (await response.json()).calls ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function showCallState(state, text) {
+  ui.state.dataset.state = state;
+  ui.state.textContent = text;
+}
+
+function trackOf(message) {
+  return message.twilio?.track ?? (message.channel_index?.[0] === 1 ? 'outbound' : 'inbound');
+}
+
+/** A Results message of the followed call: an interim replaces its track's, a final goes in time order. */
+function receiveCallResult(message) {
+  const track = trackOf(message);
+  const alternative = message.channel?.alternatives?.[0] ?? {};
+  const text = String(alternative.transcript ?? '').trim();
+  if (!message.is_final) {
+    app.callInterims[track] = text;
+    renderCaptions();
+    return;
+  }
+  app.callInterims[track] = '';
+  if (text) {
+    const final = {
+      text,
+      start: message.start,
+      end: message.start + message.duration,
+      track,
+      speaker: SPEAKERS[track] ?? track,
+      language: message.tags?.language ?? alternative.languages?.[0] ?? null,
+      emotion: message.tags?.emotion ?? null,
+      audioEvent: message.tags?.audio_event ?? null,
+    };
+    let at = app.callFinals.length;
+    while (at > 0 && app.callFinals[at - 1].start > final.start) at--;
+    app.callFinals.splice(at, 0, final);
+    addTranscriptItem(final, ui.transcript.children[at] ?? null);
+    refreshDownloads();
+  }
+  renderCaptions();
+}
+
+async function followCall() {
+  const sid = CALL_SID;
+  const notFound = `No live call ${sid} on this server (it may have ended). Open this page with ?calls to list the live calls.`;
+  showCallState('connecting', 'Connecting…');
+  const calls = await fetchCalls();
+  if (calls && !calls.some((c) => c.call_sid === sid)) {
+    showCallState('failed', 'Not found');
+    showMessage('error', notFound);
+    return;
+  }
+  let ws;
+  try {
+    const url = callsUrl(`/${encodeURIComponent(sid)}`).href;
+    ws = TOKEN_URL ? new WebSocket(url, ['bearer', await fetchToken()]) : new WebSocket(url);
+  } catch (error) {
+    showCallState('failed', 'Failed');
+    showMessage('error', `Could not follow call ${sid}: ${error.message}.`);
+    return;
+  }
+  app.callSocket = ws;
+  let opened = false;
+  let ended = false;
+  const end = () => {
+    if (ended) return;
+    ended = true;
+    app.callInterims = {};
+    renderCaptions();
+    showCallState('closed', 'Call ended');
+    const n = app.callFinals.length;
+    showMessage('info', `The call has ended (${n} caption${n === 1 ? '' : 's'}).`);
+  };
+  ws.addEventListener('open', () => {
+    opened = true;
+    showCallState('open', 'Live call');
+  });
+  ws.addEventListener('message', (event) => {
+    let message;
+    try {
+      message = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    if (message.type === 'Call') {
+      const tracks = (message.tracks ?? []).map((t) => SPEAKERS[t] ?? t).join(' and ');
+      ui.placeholder.textContent = `Following call ${sid}${tracks ? ` (${tracks})` : ''}: captions appear here.`;
+    } else if (message.type === 'Results') {
+      receiveCallResult(message);
+    } else if (message.type === 'Metadata') {
+      end();
+    } else if (message.type === 'Error') {
+      showMessage('warning', `Server error (${message.code}): ${message.description}`);
+    }
+  });
+  ws.addEventListener('close', async (event) => {
+    if (event.code === 1000) return end();
+    if (ended) return;
+    if (!opened) {
+      // The browser hides the refusal's HTTP status: ask the list whether the call is still there.
+      if ((app.health ?? (await checkHealth()))?.auth_required && !TOKEN_URL) {
+        showCallState('failed', 'Failed');
+        showMessage('error', AUTH_HELP);
+        return;
+      }
+      const listed = await fetchCalls();
+      if (listed && !listed.some((c) => c.call_sid === sid)) {
+        showCallState('failed', 'Not found');
+        showMessage('error', notFound);
+        return;
+      }
+    }
+    showCallState('failed', 'Disconnected');
+    showMessage('error', `The connection to call ${sid} was lost (code ${event.code}${event.reason ? `: ${event.reason}` : ''}). Reload the page to follow it again.`);
+  });
+}
+
+/** ?calls: the live calls, each a link that follows it (the page's other query parameters kept). */
+async function listCalls() {
+  ui.callsPanel.hidden = false;
+  const calls = await fetchCalls();
+  ui.callsList.textContent = '';
+  if (!calls) {
+    ui.callsEmpty.textContent = 'The server did not list its calls (is it reachable, and is a token needed?).';
+    return;
+  }
+  ui.callsEmpty.textContent = calls.length ? '' : 'No live calls right now.';
+  for (const call of calls) {
+    const params = new URLSearchParams(location.search);
+    params.delete('calls');
+    params.set('call', call.call_sid);
+    const li = document.createElement('li');
+    const a = document.createElement('a');
+    a.href = `?${params}`;
+    a.textContent = call.call_sid;
+    const tracks = (call.tracks ?? []).map((t) => SPEAKERS[t] ?? t).join(' and ');
+    li.append(a, ` · ${tracks} · ${Math.round(call.duration ?? 0)} s · ${call.finals ?? 0} finals`);
+    ui.callsList.append(li);
+  }
+}
+
+ui.callsPanel = $('calls-panel');
+ui.callsList = $('calls-list');
+ui.callsEmpty = $('calls-empty');
+if (CALL_SID) {
+  document.body.classList.add('following-call');
+  ui.placeholder.textContent = `Following call ${CALL_SID}: captions appear here.`;
+  document.title = `Call ${CALL_SID} · Live captions`;
+  $('title').textContent = 'Call captions';
+  followCall();
+} else if (query.has('calls')) {
+  listCalls();
+  $('calls-refresh').addEventListener('click', listCalls);
+}
+
 renderCaptions();
 refreshDownloads();

@@ -371,3 +371,165 @@ def test_page_connects_with_a_grant_token_over_the_bearer_subprotocol(
         metrics = response.read().decode()
     assert 'stream_auth_accepted_total{key="captions",method="token"}' in metrics
     assert 'method="key"' not in metrics, "the page never used the key itself"
+
+
+# --------------------------------------------------------------------------------------------------
+# Following a phone call (?call=): a server with the fake engine, a real two-track Twilio call
+
+_FOLLOW_MJS = """
+import fs from 'node:fs';
+import { launch, scaled, until } from %(browser)s;
+
+const args = JSON.parse(process.argv[2]);
+const out = { console: [] };
+const browser = await launch({});
+fs.writeFileSync(args.ready, 'ready');
+const snapshot = (page) =>
+  page.evaluate(() => ({
+    state: document.getElementById('state').textContent.trim(),
+    stateKey: document.getElementById('state').dataset.state,
+    message: document.getElementById('message-text').textContent,
+    captions: [...document.querySelectorAll('#captions .final')].map((e) => e.textContent),
+    transcript: [...document.querySelectorAll('#transcript li')].map((li) => ({
+      time: li.querySelector('time').textContent,
+      speaker: li.querySelector('.speaker')?.textContent ?? null,
+      text: li.querySelector('.text').textContent,
+    })),
+    startHidden: !document.getElementById('start').checkVisibility(),
+  }));
+async function open(query) {
+  const page = await browser.context.newPage();
+  page.on('pageerror', (error) => out.console.push(`pageerror: ${error.message}`));
+  await page.goto(`${args.base}/${query}`, { waitUntil: 'load', timeout: scaled(15000) });
+  return page;
+}
+try {
+  await until(
+    async () => {
+      const { calls } = await (await fetch(`${args.base}/v1/calls`)).json();
+      return calls.some((c) => c.call_sid === args.call_sid);
+    },
+    scaled(20000),
+    'the call to be listed',
+  );
+  const page = await open(`?call=${args.call_sid}`);
+  const live = async () => ((await snapshot(page)).stateKey === 'open' ? true : null);
+  out.live = await until(live, scaled(15000), 'the Live call state');
+  const list = await open('?calls');
+  out.listed = await until(async () => {
+    const links = await list.evaluate(
+      () => [...document.querySelectorAll('#calls-list a')].map((a) => a.search),
+    );
+    return links.length ? links : null;
+  }, scaled(15000), 'the calls list');
+  out.followed = await until(async () => {
+    const snap = await snapshot(page);
+    return snap.stateKey === 'closed' ? snap : null;
+  }, scaled(60000), 'the call to end');
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download-txt')]);
+  out.txt = fs.readFileSync(await download.path(), 'utf8');
+  const unknown = await open('?call=CA' + '0'.repeat(32));
+  out.unknown = await until(async () => {
+    const snap = await snapshot(unknown);
+    return snap.stateKey === 'failed' ? snap : null;
+  }, scaled(15000), 'the unknown call to be refused');
+} catch (error) {
+  out.error = String(error);
+} finally {
+  await browser.close();
+  process.stdout.write(`${JSON.stringify(out)}\\n`);
+}
+"""
+
+
+def _two_track_call() -> Any:
+    """The caller speaks (tone) from 0.5 to 2.5 s, the agent from 4.5 to 6.0 s; 10 s in all, at 8 kHz."""
+    import numpy as np
+
+    from stream_server.testing.twilio_replay import TwilioCallAudio
+
+    from .synth import silence, tone
+
+    inbound = np.concatenate([silence(500, rate=8000), tone(2000, rate=8000), silence(7500, rate=8000)])
+    outbound = np.concatenate(
+        [silence(4500, rate=8000), tone(1500, freq_hz=330, rate=8000), silence(4000, rate=8000)]
+    )
+    return TwilioCallAudio(inbound, outbound)
+
+
+def test_page_follows_a_live_call_with_caller_and_agent_labels(tmp_path: Path) -> None:
+    """Opened with ?call=<sid> during a real two-track Twilio call, the page shows the inbound final as
+    "Caller" and the outbound one as "Agent" in time order, says when the call ended, labels the
+    speakers in the text download, lists the call under ?calls, and says clearly when a call is not
+    live."""
+    import time
+
+    from stream_server.testing.twilio_replay import replay_call
+
+    assert NODE is not None
+    call_sid = "CA" + "7" * 32
+    script = tmp_path / "follow.mjs"
+    script.write_text(_FOLLOW_MJS % {"browser": json.dumps((RUN_MJS.parent / "browser.mjs").as_uri())})
+    ready = tmp_path / "ready"
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop = asyncio.Event()
+    found: dict[str, str] = {}
+
+    async def serve() -> None:
+        async with running_server(FakeEngine(), Config()) as (_, url):
+            found["url"] = url
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(scaled(60)), "the test server did not start in time"
+        base = found["url"].replace("ws://", "http://")
+        node = subprocess.Popen(
+            [NODE, str(script), json.dumps({"base": base, "call_sid": call_sid, "ready": str(ready)})],
+            cwd=CLIENT_JS,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            for _ in range(int(scaled(60) / 0.1)):  # Chromium is up before the call starts
+                if ready.exists() or node.poll() is not None:
+                    break
+                time.sleep(0.1)
+            call = asyncio.run_coroutine_threadsafe(
+                replay_call(f"{found['url']}/v1/twilio", _two_track_call(), speed=1.0, call_sid=call_sid),
+                loop,
+            )
+            stdout, stderr = node.communicate(timeout=scaled(120))
+        finally:
+            if node.poll() is None:
+                node.kill()
+                node.communicate()
+        report = call.result(timeout=scaled(30))
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(scaled(30))
+    assert report.close_code == 1000
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"follow.mjs printed no JSON:\n{stderr}"
+    result = json.loads(lines[-1])
+    assert "error" not in result and not result["console"], f"{result}\n{stderr}"
+
+    followed = result["followed"]
+    assert followed["startHidden"], "a followed call has nothing to start"
+    assert followed["state"] == "Call ended" and "call has ended" in followed["message"]
+    transcript = followed["transcript"]
+    assert [item["speaker"] for item in transcript] == ["Caller", "Agent"], transcript
+    assert all(re.fullmatch(r"(Caller|Agent) clip \d+\.\d\d", item["text"]) for item in transcript)
+    assert transcript[0]["time"] < transcript[1]["time"], "finals are listed in time order"
+    assert [c.split(" ")[0] for c in followed["captions"]] == ["Caller", "Agent"]
+    txt_lines = result["txt"].splitlines()
+    assert [line.split("] ")[1].split(":")[0] for line in txt_lines] == ["Caller", "Agent"], txt_lines
+
+    assert result["listed"] == [f"?call={call_sid}"], "?calls links the live call to ?call="
+    unknown = result["unknown"]
+    assert unknown["state"] == "Not found"
+    assert f"No live call CA{'0' * 32}" in unknown["message"]
