@@ -126,10 +126,10 @@ class TwilioCall(Stream):
         """The call's ``start`` message, once it came."""
         self.input_errors: Counter[str] = Counter()
         """Bad messages by code (the transport exports them as a counter and reads them at the end)."""
-        self.dtmf: list[str] = []
         self._timelines: dict[int, TrackTimeline] = {}
         self._decoders: dict[int, AudioDecoder] = {}
         self._stopped = False
+        self.metadata_after_fatal = True  # the webhook and followers always get the call's end
 
     @property
     def audio_duration_s(self) -> float:
@@ -167,8 +167,7 @@ class TwilioCall(Stream):
             self._stopped = True
             self._close_stream(CloseRequest(CloseCode.NORMAL, "stop"), metadata=True)
         elif isinstance(message, TwilioDtmf):
-            if len(self.dtmf) < 256:
-                self.dtmf.append(message.digit)
+            logger.debug("call %s: DTMF %r", self.identity.request_id, message.digit[:4])
         elif not isinstance(message, TwilioConnected | TwilioMark):  # nothing to do for these
             raise AssertionError(f"unhandled Twilio message {message!r}")
 

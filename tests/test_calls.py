@@ -358,3 +358,44 @@ async def test_following_an_unknown_call_is_404() -> None:
 def test_mulaw_of_the_replay_client_is_what_the_server_decodes() -> None:
     """The replay client's mu-law of silence is Twilio's 0xFF (a sanity check of the test audio)."""
     assert mulaw_encode(np.zeros(4, dtype=np.float32)) == b"\xff" * 4
+
+
+async def test_a_call_that_goes_silent_ends_with_its_finals_then_idle_timeout() -> None:
+    """A call that stops sending (no stop, socket open) is finalized at the idle timeout: its follower
+    gets the final it is owed, then the fatal IDLE_TIMEOUT, then Metadata."""
+    from stream_server.config import LimitsConfig
+
+    config = Config(limits=LimitsConfig(idle_timeout_s=1.0))
+    async with running_server(FakeEngine(), config) as (server, url):
+        call_sid = "CA" + "8" * 32
+        messages = [text for _, text in CALL.messages(call_sid, "MZ" + "8" * 32, "AC" + "8" * 32, {})]
+        cut = [m for m in messages[2:] if int(json.loads(m).get("media", {}).get("timestamp", 10**6)) < 1600]
+        async with connect(f"{url}/v1/twilio") as ws:
+            for text in messages[:2]:
+                await ws.send(text)
+            async with timeout(scaled(10)):
+                while server.calls.get(call_sid) is None:
+                    await asyncio.sleep(0.01)
+            async with connect(f"{url}/v1/calls/{call_sid}") as follower:
+                for text in cut:
+                    await ws.send(text)
+                followed = await collect(follower)
+            await ws.wait_closed()
+            assert ws.close_code == 1008
+    kinds = [m["type"] for m in followed.messages]
+    assert kinds[-2:] == ["Error", "Metadata"] and followed.messages[-2]["code"] == "IDLE_TIMEOUT"
+    assert [m["twilio"]["track"] for m in finals(followed.messages)] == ["inbound"]
+
+
+async def test_admission_counts_a_call_as_its_tracks() -> None:
+    """A both_tracks call counts as two streams of load while it runs, an inbound-only call as one."""
+    async with running_server(FakeEngine()) as (server, url):
+        for audio, sid, weight in (
+            (CALL, "CA" + "a" * 32, 2),
+            (TwilioCallAudio(INBOUND), "CA" + "b" * 32, 1),
+        ):
+            task = asyncio.ensure_future(replay_call(f"{url}/v1/twilio", audio, speed=1.0, call_sid=sid))
+            await wait_for_call(url.replace("ws://", "http://"), sid)
+            assert server.capacity is not None
+            assert server.capacity.state(asyncio.get_running_loop().time()).sessions == weight
+            await task

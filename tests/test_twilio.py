@@ -824,12 +824,14 @@ def test_signature_behind_tls_proxy() -> None:
 # docs/twilio.md
 
 
-def test_doc_twiml_is_what_the_package_emits() -> None:
-    """The TwiML in docs/twilio.md is exactly what twilio's VoiceResponse builds for the documented stream."""
+@pytest.mark.parametrize("doc", [DOC, DOC.parent.parent / "README.md"], ids=["docs/twilio.md", "README.md"])
+def test_doc_twiml_is_what_the_package_emits(doc: Path) -> None:
+    """The TwiML in docs/twilio.md and the README is exactly what twilio's VoiceResponse builds for the
+    documented stream."""
     response = VoiceResponse()
     stream = response.start().stream(url=PUBLIC_WSS, track="both_tracks")
     stream.parameter(name="language", value="en")
-    assert str(response) in DOC.read_text(encoding="utf-8").splitlines()
+    assert str(response) in doc.read_text(encoding="utf-8").splitlines()
 
 
 def test_doc_python_example_prints_the_doc_twiml() -> None:
