@@ -8,6 +8,7 @@ Every field of :class:`~stream_server.config.Config` is a flag (``segmenter.max_
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import os
@@ -176,8 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("aiohttp.access", "modelscope", "urllib3", "filelock", "numba", "jieba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from aiohttp import web
-
     from .auth import is_loopback_host
     from .engines.loader import load_engine
     from .memory import pin_malloc_thresholds
@@ -214,21 +213,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.server.port,
         config.engine.model,
     )
-    web.run_app(
-        server.app,
-        host=config.server.host,
-        port=config.server.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=config.server.drain_timeout_s + 5,
-        # A connection that has not sent a whole request this long after it opened (or after its
-        # last response) is closed: the handshake timeout against slowloris.
-        keepalive_timeout=config.limits.handshake_timeout_s,
-    )
+    asyncio.run(_serve(server, config))
     if failed:
         logging.getLogger("stream_server").error("exiting: the model could not be loaded: %s", failed[0])
         return 1
     return 0
+
+
+async def _serve(server: Any, config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (README, "Deploying: draining"): stop admitting at
+    once (503, /readyz 503) with the socket still open, let open streams end by themselves for up to
+    --drain-timeout-s, finalize the rest and close them with 1012, and return when the last is gone.
+    A second signal cuts the wait short (the finalizing still happens)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            logging.getLogger("stream_server").info("signal received: draining")
+            stop.set()
+        elif drain is not None and not drain.done():
+            logging.getLogger("stream_server").warning("second signal: finalizing every stream now")
+            drain.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    drain: asyncio.Task[None] | None = None
+    await server.start()
+    try:
+        await stop.wait()
+        drain = loop.create_task(server.drain(config.server.drain_timeout_s))
+        try:
+            await drain
+        except asyncio.CancelledError:
+            await server.drain(0.0)
+    finally:
+        await server.stop()
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def _event_time_s(event: ServerEvent) -> float:
 class Stream:
     """One stream's channels and its life; see the module docstring.
 
+    ``metadata_after_fatal``: a fatal ``Error`` is followed by ``Metadata`` (a call's webhook and
+    followers always learn that it ended); the live API closes right after the Error, as Deepgram does.
+
     Args:
         options: the validated options (what the client asked for).
         settings: server-side endpointing, interim and limit settings.
@@ -161,6 +164,7 @@ class Stream:
         self._closing: CloseRequest | None = None
         self._dead = False
         self._client_errors = 0
+        self.metadata_after_fatal = False
         if open_channels:
             self._open_channels(options)
 
@@ -346,17 +350,19 @@ class Stream:
 
     @guarded
     def receive_shutdown(self) -> None:
-        """The server is going away: finalize what was received, then close with 1001."""
+        """The server's drain ran out: finalize what was received, then close with 1012 (service
+        restart), so the client reconnects, to another server behind the same address."""
         if self._closing is None:
             # The finals still owed go first, then this Error, then Metadata (issue 8: a client that
             # stops at the first fatal error must not lose them).
-            self._close_stream(CloseRequest(CloseCode.GOING_AWAY, "server shutting down"), metadata=False)
+            close = CloseRequest(CloseCode.SERVICE_RESTART, "server restarting")
+            self._close_stream(close, metadata=False)
             self._tail.append(
                 Error(
                     "SERVER_SHUTTING_DOWN",
                     "The server is shutting down; what this stream sent has been transcribed. "
                     "Reconnect to continue.",
-                    CloseCode.GOING_AWAY,
+                    CloseCode.SERVICE_RESTART,
                 )
             )
             self._tail.append(self._metadata())
@@ -456,6 +462,8 @@ class Stream:
         # client that stops reading at the first fatal error must not lose the finals it is owed.
         self._close_stream(CloseRequest(exc.close_code, exc.code), metadata=False)
         self._tail.append(Error(exc.code, exc.description, exc.close_code))
+        if self.metadata_after_fatal:
+            self._tail.append(self._metadata())
 
     def _internal_error(self) -> None:
         self._dead = True

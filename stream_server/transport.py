@@ -333,6 +333,8 @@ class Server:
         app.router.add_get("/v1/calls", self._calls)
         app.router.add_get("/v1/calls/{call_sid}", self._follow_call)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/livez", self._livez)
+        app.router.add_get("/readyz", self._readyz)
         app.router.add_post("/v1/auth/grant", self._grant)
         app.router.add_route("OPTIONS", "/v1/auth/grant", self._grant_preflight)
         app.router.add_get("/metrics", self._metrics)
@@ -487,24 +489,57 @@ class Server:
         if self.webhook is not None:
             await self.webhook.close(self.config.calls.webhook_timeout_s * 2)
 
-    async def drain(self, timeout_s: float) -> None:
-        """Refuse new streams, finalize open ones, and wait up to ``timeout_s`` for them to close."""
+    async def drain(self, timeout_s: float, finalize_timeout_s: float | None = None) -> None:
+        """Stop admitting, let open streams end by themselves for up to ``timeout_s``, then finalize
+        the rest and close them with 1012 (README, "Deploying: draining").
+
+        New streams get 503 ``SHUTTING_DOWN`` and ``/readyz`` 503 from the first moment, while the
+        listening socket stays open (a load balancer sees the 503 and retries elsewhere). Returns as soon
+        as the last stream is gone: at once without streams, at most ``timeout_s`` plus
+        ``finalize_timeout_s`` (default: the engine call timeout, or 30 s) later otherwise.
+        """
         self.draining = True
-        connections = list(self.connections)
-        if not connections:
+        open_at_start = len(self.connections)
+        if open_at_start:
+            logger.info("draining: %d stream(s) may go on for up to %.0f s", open_at_start, timeout_s)
+        ended_early = await self._wait_for_streams(timeout_s)
+        left = [c for c in list(self.connections) if not c.finished.is_set()]
+        if not left:
+            if open_at_start:
+                logger.info("drained: every stream ended by itself (%d)", ended_early)
             return
-        logger.info("draining %d stream(s) for up to %.0f s", len(connections), timeout_s)
-        for conn in connections:
+        logger.warning(
+            "drain timeout (%.0f s): finalizing %d stream(s) and closing them with 1012 (%d ended by "
+            "themselves)",
+            timeout_s,
+            len(left),
+            ended_early,
+        )
+        for conn in left:
             conn.session.receive_shutdown()
             conn.after_input()
-        done = asyncio.gather(*(conn.finished.wait() for conn in connections))
-        try:
-            await asyncio.wait_for(done, timeout_s)
-        except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
-            logger.warning(
-                "drain timed out; closing %d stream(s)",
-                sum(1 for c in connections if not c.finished.is_set()),
-            )
+        if finalize_timeout_s is None:
+            finalize_timeout_s = self.config.batch.engine_call_timeout_s or 30.0
+        await self._wait_for_streams(finalize_timeout_s)
+        stuck = [c for c in list(self.connections) if not c.finished.is_set()]
+        for conn in stuck:  # their finals did not come in time: cut them so the process can exit
+            conn.cut("drain_timeout", "its finals did not arrive within the finalize timeout")
+        if stuck:
+            logger.error("drain: cut %d stream(s) whose finals did not arrive in time", len(stuck))
+
+    async def _wait_for_streams(self, timeout_s: float) -> int:
+        """Wait until no stream is open or ``timeout_s`` passed; returns how many ended meanwhile."""
+        open_before = [c for c in list(self.connections) if not c.finished.is_set()]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            waiting = [c for c in list(self.connections) if not c.finished.is_set()]
+            remaining = deadline - time.monotonic()
+            if not waiting or remaining <= 0:
+                return sum(1 for c in open_before if c.finished.is_set())
+            tasks = [asyncio.ensure_future(c.finished.wait()) for c in waiting]
+            _, pending = await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
 
     async def start(self) -> tuple[str, int]:
         """Listen on the configured host and port (0 picks one). Returns the bound address."""
@@ -596,6 +631,37 @@ class Server:
         # --allowed-origins lets them (every origin while no key is configured).
         cors = self.auth.cors_headers(request.headers.get("Origin"), request.headers.get("Host"))
         return web.json_response(body, status=status, headers=cors)
+
+    async def _livez(self, _: web.Request) -> web.Response:
+        """Liveness: 200 while the event loop answers, however busy the server is (a probe must never
+        kill a server for being at capacity or draining)."""
+        return web.json_response({"status": "alive"}, headers={"Cache-Control": "no-store"})
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether a load balancer should send this server new streams, and why not."""
+        if self.draining:
+            return False, "draining"
+        if self.state != READY or self.batcher is None:
+            return False, self.state
+        health = self.batcher.health
+        if health.status == "failed":
+            return False, "failed"
+        if len(self.connections) >= self.config.limits.max_sessions:
+            return False, "max_sessions"
+        if self.config.limits.admission and self.capacity is not None:
+            if not self.capacity.state(time.monotonic()).accepting:
+                return False, "at_capacity"
+        return True, "ready"
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        """Readiness: 200 while this server takes new streams; 503 while loading, failed, draining or at
+        capacity (README, "Deploying")."""
+        ready, why = self.readiness()
+        return web.json_response(
+            {"ready": ready, "status": why},
+            status=200 if ready else 503,
+            headers={"Cache-Control": "no-store"},
+        )
 
     async def _metrics(self, _: web.Request) -> web.Response:
         self.metrics.event_loop_tasks.set(len(asyncio.all_tasks()))
@@ -1109,6 +1175,7 @@ class _CallSink:
         for code, count in counters.items():
             self.server.metrics.twilio_input_errors.labels(code).inc(count)
         self.server.metrics.twilio_gap_seconds.inc(self.call.gap_ms_filled / 1000)
+        self.server.metrics.audio_seconds.inc(self.call.audio_duration_s)
         self.sync()
         if self.feed is not None:
             self.server.calls.end(self.feed)
@@ -1224,6 +1291,15 @@ class _Connection:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+        self._client_gone()
+
+    def cut(self, outcome: str, why: str) -> None:
+        """End this stream now without a close handshake (a drain whose finals did not come)."""
+        if not self.ws.closed:
+            self._abort(outcome, why)
+            return
+        self._outcome = outcome  # a call whose socket is gone but whose finals were still awaited
+        logger.info("stream %s: %s; ending it", self.session.identity.request_id, why)
         self._client_gone()
 
     @property

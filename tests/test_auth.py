@@ -414,9 +414,12 @@ def test_cli_warns_when_an_open_server_listens_beyond_loopback(
 ) -> None:
     """Listening on a non-loopback address without keys logs a WARNING at start; with keys it logs
     their names only."""
-    from aiohttp import web
+    import stream_server.__main__ as cli
 
-    monkeypatch.setattr(web, "run_app", lambda *a, **k: None)  # start-up up to listening, no model
+    async def no_serving(*_: Any) -> None:  # start-up up to listening, no model
+        return None
+
+    monkeypatch.setattr(cli, "_serve", no_serving)
     with caplog.at_level(logging.INFO, logger="stream_server"):
         assert main([*args, "--port", "0", "--malloc-mmap-threshold-kb", "0"]) == 0
     assert ("NO API KEYS" in caplog.text) is warned

@@ -263,14 +263,14 @@ def test_session_length_limit() -> None:
 
 def test_shutdown_finalizes_and_closes_going_away() -> None:
     """On server shutdown the open segment is finalized, its final goes before the SERVER_SHUTTING_DOWN
-    Error (issue 8), Metadata last, and the stream closes with 1001."""
+    Error (issue 8), Metadata last, and the stream closes with 1012 (service restart)."""
     d = Driver(make_session())
     d.audio(pcm16(np.concatenate([silence(300), tone(800)])))
     d.session.receive_shutdown()
     d.pump()
     assert [e.to_json()["type"] for e in d.events] == ["Results", "Error", "Metadata"]
     assert d.events[1].to_json()["code"] == "SERVER_SHUTTING_DOWN"
-    assert d.session.close is not None and d.session.close.code == CloseCode.GOING_AWAY
+    assert d.session.close is not None and d.session.close.code == CloseCode.SERVICE_RESTART
 
 
 def test_disconnect_returns_jobs_to_cancel_and_goes_quiet() -> None:

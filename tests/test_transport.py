@@ -438,8 +438,9 @@ async def test_unsupported_language_for_english_only_engine() -> None:
     assert body["code"] == "UNSUPPORTED_LANGUAGE" and "auto, en" in body["description"]
 
 
-async def test_drain_finalizes_open_streams_and_closes_1001() -> None:
-    """On shutdown, an open stream gets its pending final, a SERVER_SHUTTING_DOWN error and close 1001."""
+async def test_drain_finalizes_open_streams_and_closes_1012() -> None:
+    """When the drain runs out, an open stream gets its pending final, a SERVER_SHUTTING_DOWN error and
+    close 1012 (service restart: reconnect elsewhere)."""
     async with running_server(FakeEngine()) as (server, url):
         async with connect(f"{url}/v1/listen") as ws:
             await ws.send(pcm16(np.concatenate([silence(300), tone(1000)])))
@@ -449,13 +450,13 @@ async def test_drain_finalizes_open_streams_and_closes_1001() -> None:
             ):
                 await asyncio.sleep(0.01)
             reader = asyncio.ensure_future(collect(ws))
-            await server.drain(scaled(5))
+            await server.drain(0.0)
             result = await reader
         with pytest.raises(InvalidStatus) as info:
             async with connect(f"{url}/v1/listen"):
                 pass
         assert info.value.response.status_code == 503
-    assert result.close_code == 1001
+    assert result.close_code == 1012
     assert [m["type"] for m in result.messages] == ["Results", "Error", "Metadata"]
     assert result.messages[1]["code"] == "SERVER_SHUTTING_DOWN", "the final owed goes first"
 
