@@ -39,11 +39,13 @@ for version in $STREAM_SERVER_PYTHONS; do
   }
 done
 
-# System packages: espeak-ng + sox make test speech, chromium runs the browser tests.
+# System packages: espeak-ng + sox make test speech, chromium runs the browser tests, nginx is the real
+# load balancer of the scale-out tests (deploy/nginx/stream-server.conf).
 missing=()
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 command -v sox >/dev/null || missing+=(sox)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== apt-get install ${missing[*]}"
   as_root apt-get update -qq

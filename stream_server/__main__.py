@@ -213,14 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.server.port,
         config.engine.model,
     )
-    asyncio.run(_serve(server, config))
+    asyncio.run(serve_until_signalled(server, config))
     if failed:
         logging.getLogger("stream_server").error("exiting: the model could not be loaded: %s", failed[0])
         return 1
     return 0
 
 
-async def _serve(server: Any, config: Config) -> None:
+async def serve_until_signalled(server: Any, config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then drain (README, "Deploying: draining"): stop admitting at
     once (503, /readyz 503) with the socket still open, let open streams end by themselves for up to
     --drain-timeout-s, finalize the rest and close them with 1012, and return when the last is gone.

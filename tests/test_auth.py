@@ -419,7 +419,7 @@ def test_cli_warns_when_an_open_server_listens_beyond_loopback(
     async def no_serving(*_: Any) -> None:  # start-up up to listening, no model
         return None
 
-    monkeypatch.setattr(cli, "_serve", no_serving)
+    monkeypatch.setattr(cli, "serve_until_signalled", no_serving)
     with caplog.at_level(logging.INFO, logger="stream_server"):
         assert main([*args, "--port", "0", "--malloc-mmap-threshold-kb", "0"]) == 0
     assert ("NO API KEYS" in caplog.text) is warned
