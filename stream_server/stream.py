@@ -45,6 +45,7 @@ from .protocol import (
     SpeechStarted,
     StreamOptions,
     UtteranceEnd,
+    serialize,
 )
 from .vad import FrameVad
 
@@ -272,6 +273,11 @@ class Stream:
             out.extend(self._tail)
             self._tail = []
         return out
+
+    def to_text(self, event: ServerEvent) -> str | None:
+        """The text frame that carries ``event`` to the client (the live API's JSON), or None when the
+        front end's protocol has no message for it."""
+        return serialize(event)
 
     # ------------------------------------------------------------------------------------------
     # Inputs every front end shares

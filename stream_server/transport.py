@@ -45,6 +45,7 @@ from .config import Config, default_threads
 from .engines.base import SAMPLE_RATE_HZ, Engine, EngineInfo, TranscribeRequest, Transcript
 from .engines.hub import is_hub_id
 from .errors import AuthError, BadRequest, BatcherClosed, InterimSkipped
+from .funasr import FunasrSession
 from .limits import FairShare, client_address, is_trusted, parse_networks
 from .metrics import Metrics
 from .protocol import (
@@ -55,7 +56,6 @@ from .protocol import (
     ServerEvent,
     StreamOptions,
     parse_options,
-    serialize,
 )
 from .session import Job, JobKind, SegmentKey, Session, SessionIdentity, SessionSettings
 from .spool import BINARY, OVERSIZED, TEXT, Spool
@@ -338,7 +338,8 @@ class Server:
         app.router.add_post("/v1/auth/grant", self._grant)
         app.router.add_route("OPTIONS", "/v1/auth/grant", self._grant_preflight)
         app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/", self._index)
+        app.router.add_get("/", self._root)
+        app.router.add_get("/v1/funasr", self._funasr)
         app.router.add_get("/static/{name}", self._static)
         app.on_startup.append(self._on_startup)
         app.on_response_prepare.append(_hide_server_software)
@@ -670,6 +671,56 @@ class Server:
             self.metrics.queue_depth.labels("interim").set(self.batcher.interims_waiting)
         self._export_capacity_metrics()
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _root(self, request: web.Request) -> web.StreamResponse:
+        """``GET /``: FunASR's clients connect to the bare host and port; a browser gets the page."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._funasr(request)
+        return await self._index(request)
+
+    async def _funasr(self, request: web.Request) -> web.StreamResponse:
+        """A FunASR-protocol stream (README, "FunASR clients"): its clients cannot set headers, so an API
+        key may come as ``?token=KEY`` here (it then appears in access logs)."""
+        refused = self._refuse_unready()
+        if refused is not None:
+            return refused
+        assert self.engine is not None
+        token = request.query.get("token")
+        headers = request.headers
+        try:
+            self.auth.check_origin(headers.get("Origin"), headers.get("Host"))
+            authorization = headers.get("Authorization") or (f"Token {token}" if token else None)
+            principal, subprotocol = self.auth.authenticate(
+                authorization, headers.get("Sec-WebSocket-Protocol")
+            )
+        except AuthError as exc:
+            self.metrics.sessions_rejected.labels("origin" if exc.status == 403 else "unauthorized").inc()
+            return self._refuse(request, exc)
+        if principal.method != "none":
+            self.metrics.auth_accepted.labels(principal.name, principal.method).inc()
+        protocols = ("binary", subprotocol) if subprotocol else ("binary",)
+        ws = self._stream_socket(request, protocols)
+        if ws is None:
+            return _json_error(
+                426, "WEBSOCKET_REQUIRED", "FunASR's protocol is a WebSocket; use ws:// or wss://."
+            )
+        client = self._client(request)
+        keyed = principal.method != "none"
+        key_name = principal.name if keyed else None
+        key_max = principal.max_sessions if keyed else None
+        refused = self._refuse_over_limits(request, client, key_name, key_max, 1)
+        if refused is not None:
+            return refused
+        request_id = str(uuid.uuid4())
+        session = FunasrSession(
+            self._settings(),
+            self._vad_factory(),
+            self._identity(request_id),
+            vad_factory=self._vad_factory,
+            supported_languages=self.engine.info.languages,
+        )
+        conn = _Connection(self, ws, session, request, client, key_name)
+        return await self._serve(conn, request, 1, "FunASR protocol")
 
     async def _index(self, _: web.Request) -> web.StreamResponse:
         if self._index_html is None:  # read once: the page does not change while the server runs
@@ -1213,7 +1264,7 @@ class _Connection:
         self,
         server: Server,
         ws: _StreamSocket,
-        session: Session | TwilioCall,
+        session: Session | TwilioCall | FunasrSession,
         request: web.Request,
         client: str,
         key_name: str | None,
@@ -1509,7 +1560,10 @@ class _Connection:
                     continue
                 if self.ws.closed or self._aborted:
                     break
-                if not await self._send(serialize(event)):
+                text = self.session.to_text(event)
+                if text is None:
+                    continue
+                if not await self._send(text):
                     break
             if self._aborted:
                 return
