@@ -206,7 +206,10 @@ def main() -> int:
     parser.add_argument("--target-s", type=float, default=1.0)
     parser.add_argument("--eight-channel", action="store_true", help="RSS of one 8-channel session instead")
     parser.add_argument("--server-arg", action="append", default=[])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny.en, one 8 s call")
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.calls, args.seconds = "tiny.en", "1", 8.0
     model = ensure_model(args.model)
     print(common.machine_line())
     extra = ["--admission", "false", "--idle-timeout-s", "60"]

@@ -88,7 +88,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-arg", action="append", default=[])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny.en, 12 s")
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.seconds = "tiny.en", 12.0
     model = ensure_model(args.model)
     print(common.machine_line())
     with common.ServerProcess(common.server_args(args, model)) as server:
