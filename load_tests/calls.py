@@ -206,7 +206,9 @@ def main() -> int:
     parser.add_argument("--target-s", type=float, default=1.0)
     parser.add_argument("--eight-channel", action="store_true", help="RSS of one 8-channel session instead")
     parser.add_argument("--server-arg", action="append", default=[])
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny.en, one 8 s call")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny.en, an 8 s 8-channel session, one 8 s call"
+    )
     args = parser.parse_args()
     if args.quick:
         args.model, args.calls, args.seconds = "tiny.en", "1", 8.0
@@ -215,9 +217,9 @@ def main() -> int:
     extra = ["--admission", "false", "--idle-timeout-s", "60"]
     with common.ServerProcess(common.server_args(args, model, *extra)) as server:
         print("server:", " ".join(server.command()[1:]))
-        if args.eight_channel:
+        if args.eight_channel or args.quick:
             asyncio.run(eight_channel(server, args.seconds))
-        else:
+        if not args.eight_channel or args.quick:
             counts = [int(x) for x in args.calls.split(",") if x.strip()]
             asyncio.run(sweep(server, counts, args.seconds, args.target_s))
     return 0

@@ -87,7 +87,8 @@ echo "== mypy"
 echo "== pytest"
 # Tests that need a tool (chromium, node_modules, espeak-ng) fail rather than skip when it is missing.
 export STREAM_SERVER_REQUIRE_ALL=1
-"$VENV/bin/python" -m pytest "$@"
+# --durations: the slowest tests are named in every run (CI should stay well under 20 minutes).
+"$VENV/bin/python" -m pytest --durations=20 "$@"
 
 # The other Python versions: the fast layers (unit, batcher, transport and client on fake engines: not
 # "model", not "browser") in a venv each (.venv-3.X), made by uv (a few seconds each: it links from its

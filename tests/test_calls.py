@@ -394,7 +394,7 @@ async def test_admission_counts_a_call_as_its_tracks() -> None:
             (CALL, "CA" + "a" * 32, 2),
             (TwilioCallAudio(INBOUND), "CA" + "b" * 32, 1),
         ):
-            task = asyncio.ensure_future(replay_call(f"{url}/v1/twilio", audio, speed=1.0, call_sid=sid))
+            task = asyncio.ensure_future(replay_call(f"{url}/v1/twilio", audio, speed=2.0, call_sid=sid))
             await wait_for_call(url.replace("ws://", "http://"), sid)
             assert server.capacity is not None
             assert server.capacity.state(asyncio.get_running_loop().time()).sessions == weight

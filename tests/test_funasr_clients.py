@@ -44,7 +44,7 @@ from .synth import pcm16, silence, tone
 ROOT = Path(__file__).resolve().parent.parent
 FUNASR_CLIENT_VERSION = "0.1.6"  # PyPI funasr-client, in the main venv (pyproject's dev extra)
 FUNASR_PYTHON_VERSION = "0.1.5"  # PyPI funasr-python, in a venv of its own (same module name)
-CLIP_S = 20
+CLIP_S = 12
 SPEECH = pcm16(np.concatenate([silence(500), tone(1500), silence(1200), tone(1000), silence(1200)]))
 KEY = "k3y-for-funasr-tests-0123456789abcdef"
 

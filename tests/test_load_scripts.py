@@ -161,9 +161,11 @@ def test_socket_fuzzer_finds_no_crash_and_no_undocumented_answer() -> None:
     assert sent and int(sent.group(1)) >= 5000 and int(sent.group(2)) > 4, out
 
 
-def test_calls_script_measures_both_tracks_of_a_twilio_call() -> None:
-    """calls.py replays a two-track Twilio call at real time and prints latency for both tracks."""
+def test_calls_script_measures_an_eight_channel_session_and_a_twilio_call() -> None:
+    """calls.py streams an 8-channel session and prints the server's RSS around it, then replays a
+    two-track Twilio call at real time and prints its latency."""
     out = run_script("calls.py", timeout_s=240)
+    assert re.search(r"8-channel session, 8 s at real time, \d+ finals: server RSS before \d+ MB", out), out
     # calls, inbound p50/p95, outbound p50/p95 (a track may have no whole utterance in 8 s: "-"),
     # both p50/p95, finals, errors
     row = re.search(
@@ -175,12 +177,6 @@ def test_calls_script_measures_both_tracks_of_a_twilio_call() -> None:
     assert row, out
     assert 0.0 < float(row.group(1)) <= float(row.group(2)) < scaled(10), out
     assert int(row.group(3)) >= 2 and int(row.group(4)) == 0, out
-
-
-def test_calls_script_measures_an_eight_channel_session() -> None:
-    """calls.py --eight-channel streams an 8-channel session and prints the server's RSS around it."""
-    out = run_script("calls.py", "--eight-channel", timeout_s=240)
-    assert re.search(r"8-channel session, 8 s at real time, \d+ finals: server RSS before \d+ MB", out), out
 
 
 def test_funasr_script_measures_a_2pass_session() -> None:

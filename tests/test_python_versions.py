@@ -54,8 +54,8 @@ async def test_timeout_raises_what_asyncio_timeout_error_catches() -> None:
 
 
 async def test_a_drain_that_runs_out_of_time_returns() -> None:
-    """Shutting down while a stream's final is stuck in the model gives up after drain_timeout_s instead
-    of raising (on 3.10 asyncio.wait_for's timeout is not the builtin TimeoutError)."""
+    """Shutting down while a stream's final is stuck in the model gives up after the drain and finalize
+    timeouts instead of raising (on 3.10 asyncio.wait_for's timeout is not the builtin TimeoutError)."""
     engine = GatedEngine()
     async with running_server(engine) as (server, url):
         engine.armed = True
@@ -64,7 +64,7 @@ async def test_a_drain_that_runs_out_of_time_returns() -> None:
             await ws.send(pcm16(np.concatenate([silence(300), tone(1000), silence(1000)])))
             await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, scaled(10))
             assert engine.entered.is_set(), "the final reached the model"
-            await server.drain(0.05)
+            await server.drain(0.05, finalize_timeout_s=0.05)  # both waits run out
             engine.gate.set()
             await reader
 
