@@ -28,7 +28,7 @@ from typing import Any
 
 from .metrics import Metrics
 from .protocol import Error, Metadata, Results, ServerEvent, SpeechStarted, UtteranceEnd
-from .twilio import TRACK_CHANNELS, TwilioStart
+from .twilio import TRACK_CHANNELS, TwilioStart, channels_for_tracks
 from .webhook import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class CallFeed:
             "account_sid": self.account_sid,
             "stream_sids": list(self.stream_sids),
             "tracks": list(self.tracks),
-            "channels": 1 + max((TRACK_CHANNELS[t] for t in self.tracks), default=0),
+            "channels": channels_for_tracks(self.tracks) if self.tracks else 1,
             "started": self.started,
             "duration": round(time.monotonic() - self.started_s, 3),
             "finals": self.finals,
@@ -157,7 +157,7 @@ class CallHub:
                 },
                 webhook_url=webhook_url,
                 webhook_interims=webhook_interims,
-                backlog=deque(maxlen=self.backlog or None) if self.backlog else deque(maxlen=0),
+                backlog=deque(maxlen=self.backlog),
             )
             self._calls[start.call_sid] = feed
         else:

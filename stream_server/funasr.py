@@ -302,16 +302,14 @@ class FunasrSession(Stream):
 
     def _end_file(self) -> None:
         """``is_speaking: false``: every segment is finalized; the file's last message follows them."""
+        self._end_input()
         self._speaking = False
-        if self._decoder is not None:
-            tail = self._decoder.flush()
-            if len(tail):
-                self._feed(tail)
         for channel in self.channels:
             channel.end()
         self._tail.append(self._metadata())  # becomes the file's is_final message (to_text)
 
     def _end_input(self) -> None:
+        """The open file's resampler tail is fed (at is_speaking false, or when the stream ends)."""
         if self._decoder is not None and self._speaking:
             tail = self._decoder.flush()
             if len(tail):

@@ -128,18 +128,12 @@ class TwilioCall(Stream):
         """Bad messages by code (the transport exports them as a counter and reads them at the end)."""
         self._timelines: dict[int, TrackTimeline] = {}
         self._decoders: dict[int, AudioDecoder] = {}
-        self._stopped = False
         self.metadata_after_fatal = True  # the webhook and followers always get the call's end
 
     @property
     def audio_duration_s(self) -> float:
         """Seconds of the call received: the longest track's timeline."""
         return max((t.position_ms for t in self._timelines.values()), default=0.0) / 1000
-
-    @property
-    def stopped(self) -> bool:
-        """Twilio sent ``stop`` (the call ended as Twilio ends it)."""
-        return self._stopped
 
     @property
     def gap_ms_filled(self) -> float:
@@ -164,7 +158,6 @@ class TwilioCall(Stream):
         elif isinstance(message, TwilioStart):
             self._start(message)
         elif isinstance(message, TwilioStop):
-            self._stopped = True
             self._close_stream(CloseRequest(CloseCode.NORMAL, "stop"), metadata=True)
         elif isinstance(message, TwilioDtmf):
             logger.debug("call %s: DTMF %r", self.identity.request_id, message.digit[:4])
@@ -244,8 +237,7 @@ class TwilioCall(Stream):
             self.receive_session_too_long()
 
     def _end_input(self) -> None:
-        """Each track's resampler tail is fed; a track that fell behind the other is padded to its end,
-        so both channels end at the call's end."""
+        """Each track's resampler tail is fed to its channel."""
         for channel, decoder in self._decoders.items():
             tail = decoder.flush()
             if len(tail):
